@@ -1,0 +1,27 @@
+"""The numeric core: log-weights, resamplers, schedules, genealogy and the SMC driver.
+
+numpy only; every random choice takes an explicit ``numpy.random.Generator``.
+"""
+
+from .genealogy import Genealogy, Trajectory
+from .observation import EveryStep, ObservationModel, Outcome, Twisted
+from .resampling import (
+    RESAMPLERS,
+    SELECTORS,
+    Resampler,
+    conditional_ancestors,
+    get_resampler,
+    offspring_counts,
+)
+from .schedules import Always, ESSBelow, EveryK, Never, Schedule, get_schedule
+from .smc import STATUS_ALL_DEAD, STATUS_OK, AncestorSampling, Proposed, SMCResult, StepTrace, run_smc
+from .sync import resolve, run_sync
+from .weights import NEG_INF, ess, ess_fraction, log_normalize, logsumexp, normalize
+
+__all__ = [
+    "Always", "AncestorSampling", "ESSBelow", "EveryK", "EveryStep", "Genealogy", "NEG_INF", "Never",
+    "ObservationModel", "Outcome", "Proposed", "RESAMPLERS", "Resampler", "SELECTORS", "SMCResult",
+    "STATUS_ALL_DEAD", "STATUS_OK", "Schedule", "StepTrace", "Trajectory", "Twisted",
+    "conditional_ancestors", "ess", "ess_fraction", "get_resampler", "get_schedule", "log_normalize",
+    "logsumexp", "normalize", "offspring_counts", "resolve", "run_smc", "run_sync",
+]
