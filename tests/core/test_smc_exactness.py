@@ -233,3 +233,18 @@ def test_invariance_test_rejects_overwrite_slot_csmc(monkeypatch, report_statist
     p = _csmc_chi_square(csmc_model(), 3, "always", 6_000, seed=2)
     report_statistic("broken", "chi2 p-value", p, "rejected" if p < P_LIMIT else "NOT REJECTED")
     assert p < P_LIMIT
+
+
+def test_evidence_is_unbiased_with_expansion(report_statistic):
+    """k children per particle at log-weight ℓ − log k, then N of the N·k kept: E[Ẑ] = Z still."""
+    model = fk_model()
+    rng = np.random.default_rng(17)
+    observe = EveryStep(model.prm_odds)
+    z_hats = np.array([
+        math.exp(run_sync(run_smc([()] * 2, model.propose, observe, rng=rng, max_steps=3,
+                                  resampler="systematic", expansion=3)).log_z)
+        for _ in range(10_000)
+    ])
+    z = z_score(z_hats, model.evidence("fk"))
+    report_statistic("correct", "z(mean Ẑ - Z)", z, "pass" if abs(z) < Z_LIMIT else "FAIL")
+    assert abs(z) < Z_LIMIT
