@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-test
+# Both cores: the statistical tests are CPU-bound and independent.
+PYTEST_ARGS ?= -n auto
 
 .PHONY: test bench-resampling clean
 
