@@ -1,0 +1,17 @@
+"""Every inference-time scaling method as a configuration of the SMC core.
+
+Select a method by name with validated parameters::
+
+    from itscale.strategies import make_strategy
+    pf = make_strategy("particle_filtering", policy, prm, temperature=0.5)
+    result = pf.solve(problem, budget=16, seed=0)
+"""
+
+from . import beam_search, best_of_n, greedy, parallel_tempering, particle_filtering, particle_gibbs, self_consistency
+from .base import STRATEGIES, Strategy, make_strategy
+from .context import RunContext, StepFormat
+from .runner import problem_seed, run_many
+
+__all__ = ["STRATEGIES", "RunContext", "StepFormat", "Strategy", "make_strategy", "problem_seed", "run_many"]
+
+del beam_search, best_of_n, greedy, parallel_tempering, particle_filtering, particle_gibbs, self_consistency

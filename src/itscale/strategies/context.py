@@ -1,0 +1,189 @@
+"""What a strategy does with its backends during one problem's run.
+
+``RunContext`` turns particles into batched backend calls and keeps the cost:
+
+- :meth:`propose` moves particles one step with one ``generate_steps`` call.
+  Copies of the same particle (after resampling, or an expansion) are grouped into
+  one request with ``k`` > 1, which backends serve with ``n > 1`` and a shared
+  prefix. A failed continuation returns ``None``: that particle dies.
+- :meth:`sample_full` draws whole solutions (``stop=()``) and splits them into steps.
+- :meth:`prm_scores` / :meth:`outcome_scores` score many particles with one call.
+
+The per-request seed comes from the run's ``numpy.random.Generator``, so a run is
+reproducible from its seed on the same backend outputs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from ..core.smc import Proposed
+from ..protocols import Generator, OutcomeScorer, ProcessRewardModel
+from ..rewards.aggregate import aggregate, score_request_steps
+from ..tasks.answers import extract_answer
+from ..types import Cost, Particle, Problem, SamplingParams, ScoreRequest, Step, StepRequest
+
+
+@dataclass(frozen=True)
+class StepFormat:
+    """How solutions are cut into steps and when one is finished.
+
+    A particle finishes when its step ended with end-of-sequence, when the step
+    contains an answer marker, or when it reaches ``max_steps`` steps.
+    """
+
+    delimiter: str = "\n\n"
+    answer_markers: tuple[str, ...] = ("\\boxed{",)
+    max_steps: int = 32
+
+    def __post_init__(self) -> None:
+        if not self.delimiter:
+            raise ValueError("StepFormat.delimiter must be a non-empty string (e.g. '\\n\\n')")
+        if self.max_steps < 1:
+            raise ValueError(f"StepFormat.max_steps must be >= 1, got {self.max_steps!r}")
+
+    def is_final(self, step: Step, n_steps: int) -> bool:
+        return (
+            step.finish_reason == "eos"
+            or any(m in step.text for m in self.answer_markers)
+            or n_steps >= self.max_steps
+        )
+
+    def split(self, text: str) -> list[str]:
+        """Cut a solution into steps, each keeping its trailing delimiter."""
+        parts = text.split(self.delimiter)
+        steps = [p + self.delimiter for p in parts[:-1]]
+        if parts[-1]:
+            steps.append(parts[-1])
+        return [s for s in steps if s.strip()] or [text]
+
+
+@dataclass
+class RunContext:
+    problem: Problem
+    policy: Generator
+    prm: ProcessRewardModel | None
+    outcome: OutcomeScorer | None
+    format: StepFormat
+    sampling: SamplingParams
+    rng: np.random.Generator
+    aggregation: str = "last"
+    cost: Cost = field(default_factory=Cost)
+    started: float = field(default_factory=time.perf_counter)
+
+    # -- policy ---------------------------------------------------------------------
+    def _params(self, temperature: float | None = None) -> SamplingParams:
+        p = self.sampling
+        return SamplingParams(
+            temperature=p.temperature if temperature is None else temperature,
+            top_p=p.top_p,
+            max_step_tokens=p.max_step_tokens,
+            seed=int(self.rng.integers(2**31 - 1)),
+        )
+
+    async def _generate(self, requests: list[StepRequest]) -> list[list[Step]]:
+        outputs = await self.policy.generate_steps(requests)
+        if len(outputs) != len(requests) or any(len(o) != r.k for o, r in zip(outputs, requests)):
+            raise RuntimeError("policy backend returned a different number of continuations than requested")
+        self.cost.policy_calls += 1
+        for out in outputs:
+            for step in out:
+                self._count(step)
+        return outputs
+
+    def _count(self, step: Step) -> None:
+        self.cost.generated_tokens += step.tokens
+        self.cost.prompt_tokens += step.prompt_tokens
+        if step.prefilled_tokens is not None:
+            self.cost.prefilled_tokens = (self.cost.prefilled_tokens or 0) + step.prefilled_tokens
+
+    async def propose(self, particles: Sequence[Particle], rng=None, temperature: float | None = None) -> Proposed:
+        """One step for each particle; identical particles share one k>1 request."""
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(particles):
+            groups.setdefault(id(p), []).append(i)
+        order = list(groups.values())
+        requests = [
+            StepRequest(self.problem, particles[idx[0]].steps, len(idx), self._params(temperature), (self.format.delimiter,))
+            for idx in order
+        ]
+        outputs = await self._generate(requests) if requests else []
+        new: list[Particle | None] = [None] * len(particles)
+        finished = [False] * len(particles)
+        for idx, steps in zip(order, outputs):
+            for i, step in zip(idx, steps):
+                if step.failed:
+                    continue
+                parent = particles[i]
+                done = self.format.is_final(step, parent.n_steps + 1)
+                new[i] = parent.extend(step, done)
+                finished[i] = done
+        return Proposed(new, finished)
+
+    async def sample_full(self, n: int, temperature: float | None = None) -> list[Particle | None]:
+        """n whole solutions from one request (``stop=()``), split into steps."""
+        if n == 0:
+            return []
+        request = StepRequest(self.problem, (), n, self._params(temperature), ())
+        (outputs,) = await self._generate([request])
+        return [None if s.failed else self.particle_from_text(s) for s in outputs]
+
+    def particle_from_text(self, completion: Step) -> Particle:
+        """A finished particle from a whole completion; its token counts go on the last step."""
+        texts = self.format.split(completion.text)
+        steps = [Step(t) for t in texts[:-1]] + [
+            Step(texts[-1], completion.tokens, completion.prompt_tokens, completion.prefilled_tokens,
+                 completion.logprob, completion.finish_reason)
+        ]
+        return Particle(self.problem, tuple(steps), finished=True)
+
+    # -- scorers --------------------------------------------------------------------
+    def _require_prm(self) -> ProcessRewardModel:
+        if self.prm is None:
+            raise ValueError("this method needs a process reward model: pass prm=...")
+        return self.prm
+
+    async def step_scores(self, particles: Sequence[Particle]) -> list[tuple[float, ...]]:
+        """Per-step PRM probabilities of each particle (one call)."""
+        if not particles:
+            return []
+        prm = self._require_prm()
+        requests = [ScoreRequest(self.problem, score_request_steps(p.step_texts, self.aggregation)) for p in particles]
+        out = await prm.score_steps(requests)
+        if len(out) != len(requests):
+            raise RuntimeError("PRM returned a different number of results than requests")
+        self.cost.prm_calls += 1
+        self.cost.prm_tokens += sum(s.tokens for s in out)
+        return [tuple(s.scores) for s in out]
+
+    async def prm_scores(self, particles: Sequence[Particle]) -> np.ndarray:
+        """The aggregated PRM score of each particle; NaN where scoring failed."""
+        return np.array([aggregate(s, self.aggregation) if s else math.nan for s in await self.step_scores(particles)])
+
+    async def outcome_scores(self, particles: Sequence[Particle]) -> np.ndarray:
+        """Outcome-scorer values when one is configured, else the aggregated PRM score."""
+        if self.outcome is None:
+            return await self.prm_scores(particles)
+        if not particles:
+            return np.zeros(0)
+        out = await self.outcome.score_final([ScoreRequest(self.problem, p.step_texts) for p in particles])
+        self.cost.prm_calls += 1
+        return np.asarray(out, dtype=np.float64)
+
+    # -- bookkeeping ----------------------------------------------------------------
+    def finish_cost(self, policy_params: int | None, prm_params: int | None) -> Cost:
+        c = self.cost
+        c.wall_time = time.perf_counter() - self.started
+        prefill = c.prefilled_tokens if c.prefilled_tokens is not None else c.prompt_tokens
+        c.policy_flops = 2.0 * policy_params * (c.generated_tokens + prefill) if policy_params else None
+        c.prm_flops = 2.0 * prm_params * c.prm_tokens if prm_params and c.prm_tokens else None
+        return c
+
+
+def answer_of(particle: Particle) -> str | None:
+    return extract_answer(particle.text)

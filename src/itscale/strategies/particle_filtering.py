@@ -1,0 +1,93 @@
+"""Particle filtering (Puri et al. 2025) and twisted SMC, as configurations of the core.
+
+Particle filtering: N particles, one step each per round, weights from
+``EveryStep(prm, link, temperature)``: Δℓ_t = link(s_t)/T with s_t the aggregated
+PRM score of the partial solution. Resample every step (the paper) or by ESS.
+The answer is the highest-weight particle, one drawn ∝ weight, or the answer with
+the largest total weight (``selection``).
+
+Twisted SMC: ``Twisted(reward, twist=prm, beta)``: the target is p(x)·r(x)^β with
+r the outcome score (outcome scorer if given, else the PRM's final score); the PRM
+only shapes the proposal population. Systematic resampling at ESS < 0.5 by default.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from ..core import EveryStep, Twisted, get_resampler, get_schedule, run_smc
+from ..types import Particle, Result
+from .base import Params, Strategy, register
+from .context import RunContext
+
+
+class _SMCParams(Params):
+    resampler: str = "systematic"
+    schedule: str = "always"
+    aggregation: Literal["last", "min", "prod", "mean", "model"] = "last"
+    selection: Literal["argmax", "sample", "vote"] = "argmax"
+
+    @field_validator("resampler")
+    @classmethod
+    def _known_resampler(cls, value: str) -> str:
+        get_resampler(value)
+        return value
+
+    @field_validator("schedule")
+    @classmethod
+    def _known_schedule(cls, value: str) -> str:
+        get_schedule(value)
+        return value
+
+
+class ParticleFilteringParams(_SMCParams):
+    temperature: float = Field(1.0, gt=0, description="softmax temperature T on the log-odds weights")
+    link: Literal["odds", "log"] = "odds"
+
+
+class TwistedParams(_SMCParams):
+    schedule: str = "ess:0.5"
+    beta: float = Field(1.0, gt=0, description="reward exponent: target p(x)·r(x)^β")
+
+
+def _result(strategy: Strategy, ctx: RunContext, budget: int, smc, selection: str) -> Result:
+    fields = dict(
+        log_z=smc.log_z,
+        exact=smc.exact,
+        ess=tuple(t.ess for t in smc.trace),
+        resampled=tuple(t.resampled for t in smc.trace),
+        genealogy=smc.genealogy,
+    )
+    if not smc.ok:
+        return strategy.result(ctx, budget, [], [], message=smc.message, **fields)
+    return strategy.result(ctx, budget, smc.states, smc.weights, selection=selection, **fields)
+
+
+@register
+class ParticleFiltering(Strategy):
+    name = "particle_filtering"
+    Params = ParticleFilteringParams
+    needs_prm = True
+
+    async def _run(self, ctx: RunContext, budget: int) -> Result:
+        p = self.params
+        observe = EveryStep(ctx.prm_scores, link=p.link, temperature=p.temperature)
+        smc = await run_smc([Particle(ctx.problem)] * budget, ctx.propose, observe, rng=ctx.rng,
+                            max_steps=self.format.max_steps, resampler=p.resampler, schedule=p.schedule)
+        return _result(self, ctx, budget, smc, p.selection)
+
+
+@register
+class TwistedSMC(Strategy):
+    name = "twisted_smc"
+    Params = TwistedParams
+    needs_prm = True
+
+    async def _run(self, ctx: RunContext, budget: int) -> Result:
+        p = self.params
+        observe = Twisted(reward=ctx.outcome_scores, twist=ctx.prm_scores, beta=p.beta)
+        smc = await run_smc([Particle(ctx.problem)] * budget, ctx.propose, observe, rng=ctx.rng,
+                            max_steps=self.format.max_steps, resampler=p.resampler, schedule=p.schedule)
+        return _result(self, ctx, budget, smc, p.selection)

@@ -1,0 +1,1 @@
+"""Problem sets, prompt formats, answer extraction and grading."""

@@ -1,0 +1,226 @@
+"""The value types every layer shares (design 3).
+
+All records are frozen: a particle is an immutable value, so cloning one (which
+resampling does constantly) is copying a reference.
+
+A *step* is text ended by the step delimiter; ``Step.text`` keeps that delimiter,
+so a solution's text is exactly ``"".join(step.text for step in steps)`` and the
+next request continues it verbatim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+FINISH_REASONS = ("stop", "eos", "length", "error")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A question to solve. ``answer`` is the reference answer when known (for grading)."""
+
+    id: str
+    prompt: str
+    answer: str | None = None
+    meta: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One generated continuation.
+
+    ``tokens`` counts generated tokens. ``prompt_tokens`` and ``prefilled_tokens``
+    (prompt tokens sent / actually recomputed, when the backend reports it) are set
+    on the first continuation of each request and 0 on its siblings, so summing
+    over steps never double-counts a shared prompt. ``finish_reason`` is ``stop``
+    (a stop string), ``eos``, ``length`` (the per-step token limit) or ``error``
+    (the backend failed; ``error`` says why, and the particle dies).
+    """
+
+    text: str
+    tokens: int = 0
+    prompt_tokens: int = 0
+    prefilled_tokens: int | None = None
+    logprob: float | None = None
+    finish_reason: str = "stop"
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.finish_reason == "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Particle:
+    """A partial (or finished) solution: the problem and the steps so far."""
+
+    problem: Problem
+    steps: tuple[Step, ...] = ()
+    finished: bool = False
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.steps)
+
+    @property
+    def step_texts(self) -> tuple[str, ...]:
+        return tuple(s.text for s in self.steps)
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.steps)
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(s.tokens for s in self.steps)
+
+    @property
+    def logprob(self) -> float | None:
+        """Σ log p of the generated tokens, when every step reported it."""
+        values = [s.logprob for s in self.steps]
+        return None if not values or any(v is None for v in values) else float(sum(values))
+
+    def extend(self, step: Step, finished: bool) -> "Particle":
+        return Particle(self.problem, self.steps + (step,), finished)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings sent with every request."""
+
+    temperature: float = 0.8
+    top_p: float = 1.0
+    max_step_tokens: int = 256
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.max_step_tokens < 1:
+            raise ValueError(f"max_step_tokens must be >= 1, got {self.max_step_tokens!r}")
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    """Ask for ``k`` sampled continuations of ``problem`` after ``steps``.
+
+    ``stop`` ends each continuation (the stop string stays in the text); with
+    ``stop=()`` the backend generates the whole rest of the solution.
+    """
+
+    problem: Problem
+    steps: tuple[Step, ...]
+    k: int
+    params: SamplingParams
+    stop: tuple[str, ...]
+
+    @property
+    def prefix(self) -> str:
+        return "".join(s.text for s in self.steps)
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Score each step of one (partial) solution: ``steps`` are step texts."""
+
+    problem: Problem
+    steps: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StepScores:
+    """Per-step probabilities in (0, 1) for one ScoreRequest, and the tokens the scorer read."""
+
+    scores: tuple[float, ...]
+    tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do, declared up front instead of failing late."""
+
+    logprobs: bool = False
+    n_per_request: bool = False
+    prefix_cache: bool = False
+    n_parameters: int | None = None  # for FLOP estimates
+
+
+@dataclass
+class Cost:
+    """What one problem's run spent. FLOPs are estimated as 2 × parameters × tokens,
+    for the policy (generated + prefilled, or prompt tokens when prefill is not
+    reported) and the PRM (tokens read) separately; ``None`` when a model's size is
+    unknown."""
+
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    prefilled_tokens: int | None = None
+    policy_calls: int = 0
+    prm_calls: int = 0
+    prm_tokens: int = 0
+    wall_time: float = 0.0
+    policy_flops: float | None = None
+    prm_flops: float | None = None
+
+    @property
+    def flops(self) -> float | None:
+        parts = [f for f in (self.policy_flops, self.prm_flops) if f is not None]
+        return float(sum(parts)) if parts else None
+
+    def add(self, other: "Cost") -> "Cost":
+        """The sum of two costs (for totals over problems or sweeps)."""
+        out = Cost()
+        for f in fields(Cost):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            setattr(out, f.name, None if a is None and b is None else (a or 0) + (b or 0))
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(Cost)}
+        d["flops"] = self.flops
+        return d
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One final solution with its normalised weight (and score, where one was used)."""
+
+    text: str
+    answer: str | None
+    weight: float
+    score: float | None = None
+    particle: Particle | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a strategy returns for one problem.
+
+    ``log_z`` is the SMC estimate of log Z, or ``None`` when a biased selection
+    (argmax, top-k, voting) was used; ``exact`` is True when the candidates are a
+    properly weighted sample of the method's target. ``status`` is ``ok``,
+    ``all_dead`` (every particle failed or scored zero) or ``error``.
+    """
+
+    problem: Problem
+    method: str
+    budget: int
+    answer: str | None
+    solution: str | None
+    candidates: tuple[Candidate, ...]
+    cost: Cost
+    log_z: float | None = None
+    exact: bool = False
+    ess: tuple[float, ...] = ()
+    resampled: tuple[bool, ...] = ()
+    genealogy: Any = field(default=None, repr=False, compare=False)
+    status: str = "ok"
+    message: str = ""
+    extras: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"

@@ -1,0 +1,71 @@
+"""The coalescer's barrier logic, with a fake backend (logic only)."""
+
+import asyncio
+
+import pytest
+
+from itscale.strategies.batching import Coalescer
+
+
+class Echo:
+    def __init__(self):
+        self.calls = []
+
+    async def __call__(self, items):
+        self.calls.append(list(items))
+        await asyncio.sleep(0)
+        return [f"r{x}" for x in items]
+
+
+def run_workers(n_workers, rounds, pause=None):
+    async def main():
+        c, echo = Coalescer(), Echo()
+
+        async def worker(w):
+            async with c.member():
+                out = []
+                for r in range(rounds(w) if callable(rounds) else rounds):
+                    if pause and w == 0:
+                        await asyncio.sleep(pause)  # not a coalesced call
+                    out += await c.submit("policy", echo, [f"{w}.{r}.a", f"{w}.{r}.b"])
+                return out
+
+        results = await asyncio.gather(*(worker(w) for w in range(n_workers)))
+        return c, echo, results
+
+    return asyncio.run(main())
+
+
+def test_one_backend_call_per_round_for_all_workers():
+    c, echo, results = run_workers(8, 3)
+    assert len(echo.calls) == 3 and all(len(call) == 16 for call in echo.calls)
+    assert results[5] == ["r5.0.a", "r5.0.b", "r5.1.a", "r5.1.b", "r5.2.a", "r5.2.b"]
+
+
+def test_workers_that_finish_early_leave_the_barrier():
+    c, echo, results = run_workers(4, lambda w: w + 1)
+    assert [len(call) for call in echo.calls] == [8, 6, 4, 2]
+    assert len(results[3]) == 8
+
+
+def test_a_worker_awaiting_other_io_does_not_deadlock_the_batch():
+    c, echo, results = run_workers(3, 2, pause=0.01)
+    assert all(len(r) == 4 for r in results)
+    assert len(echo.calls) <= 4
+
+
+def test_backend_failure_reaches_every_waiting_worker():
+    async def main():
+        c = Coalescer()
+
+        async def boom(items):
+            raise ConnectionError("backend down")
+
+        async def worker():
+            async with c.member():
+                return await c.submit("prm", boom, [1])
+
+        return await asyncio.gather(*(worker() for _ in range(3)), return_exceptions=True)
+
+    out = asyncio.run(main())
+    assert all(isinstance(e, ConnectionError) for e in out)
