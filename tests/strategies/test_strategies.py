@@ -281,3 +281,45 @@ def test_one_failing_problem_does_not_end_the_batch(task):
 def test_answers_are_extracted_from_solutions(task):
     r = strategy("self_consistency", task).solve(task.problems[0], 4, seed=0)
     assert all(c.answer == extract_answer(c.text) for c in r.candidates)
+
+
+class KCounter:
+    """Wraps a policy and records the continuations asked for in each call."""
+
+    def __init__(self, inner):
+        self.inner, self.capabilities, self.per_call, self.tokens = inner, inner.capabilities, [], 0
+
+    async def generate_steps(self, requests):
+        self.per_call.append(sum(r.k for r in requests))
+        out = await self.inner.generate_steps(requests)
+        self.tokens += sum(s.tokens for steps in out for s in steps)
+        return out
+
+
+@pytest.mark.parametrize("name, params", [
+    ("greedy", {}),
+    ("self_consistency", {}),
+    ("best_of_n", {}),
+    ("weighted_best_of_n", {}),
+    ("adaptive_self_consistency", {"round_size": 4}),
+    ("beam_search", {"beam_width": 4}),
+    ("dvts", {"beam_width": 4}),
+    ("particle_filtering", {}),
+    ("twisted_smc", {}),
+    ("particle_gibbs", {"sweeps": 2}),
+    ("parallel_tempering", {"temperatures": (1.0, 2.0), "rounds": 2}),
+])
+def test_budget_bounds_every_round_and_cost_counts_every_call(task, name, params):
+    """No round generates more continuations than its share of the budget, and Cost
+    counts every policy call and every generated token."""
+    budget = 8
+    policy = KCounter(task.policy())
+    r = strategy(name, task, policy=policy, **params).solve(task.problems[10], budget, seed=3)
+    assert r.ok and r.cost.policy_calls == len(policy.per_call)
+    assert r.cost.generated_tokens == policy.tokens > 0
+    per_round_cap = {"particle_gibbs": budget // 2, "parallel_tempering": budget // 4, "greedy": 1}.get(name, budget)
+    assert max(policy.per_call) <= per_round_cap
+    if name in ("self_consistency", "best_of_n", "weighted_best_of_n"):
+        assert policy.per_call == [budget] and len(r.candidates) == budget
+    if name == "adaptive_self_consistency":
+        assert sum(policy.per_call) == r.extras["samples"] <= budget

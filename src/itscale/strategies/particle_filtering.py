@@ -8,7 +8,8 @@ the largest total weight (``selection``).
 
 Twisted SMC: ``Twisted(reward, twist=prm, beta)``: the target is p(x)·r(x)^β with
 r the outcome score (outcome scorer if given, else the PRM's final score); the PRM
-only shapes the proposal population. Systematic resampling at ESS < 0.5 by default.
+only shapes the proposal population. Systematic resampling at ESS < 0.5 and a
+weighted answer vote by default.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ class ParticleFilteringParams(_SMCParams):
 
 class TwistedParams(_SMCParams):
     schedule: str = "ess:0.5"
+    # argmax over final importance weights r/ψ chases PRM noise as N grows;
+    # the weighted vote estimates the posterior's most probable answer
+    selection: Literal["argmax", "sample", "vote"] = "vote"
     beta: float = Field(1.0, gt=0, description="reward exponent: target p(x)·r(x)^β")
 
 
