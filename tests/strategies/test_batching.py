@@ -2,7 +2,6 @@
 
 import asyncio
 
-import pytest
 
 from itscale.strategies.batching import Coalescer
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -27,6 +27,8 @@ from .context import RunContext, StepFormat, answer_of
 STRATEGIES: dict[str, type["Strategy"]] = {}
 
 SELECTIONS = ("argmax", "sample", "vote")
+Aggregation = Literal["last", "min", "prod", "mean", "model"]
+Selection = Literal["argmax", "sample", "vote"]
 
 
 class Params(BaseModel):
@@ -83,6 +85,10 @@ class Strategy(ABC):
     def check_budget(self, budget: int) -> None:
         if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
             raise ValueError(f"{self.name}: budget must be a positive integer, got {budget!r}")
+
+    def require_divisible(self, budget: int, divisor: int, what: str) -> None:
+        if budget % divisor:
+            raise ValueError(f"{self.name}: budget {budget} is not divisible by {what} {divisor}")
 
     async def run(self, problem: Problem, budget: int, rng: np.random.Generator) -> Result:
         self.check_budget(budget)

@@ -24,13 +24,13 @@ from pydantic import Field
 
 from ..core.resampling import top_k
 from ..types import Particle, Result
-from .base import Params, Strategy, register
+from .base import Aggregation, Params, Strategy, register
 from .context import RunContext
 
 
 class BeamParams(Params):
     beam_width: int = Field(4, ge=1, description="M: children per beam per step")
-    aggregation: Literal["last", "min", "prod", "mean", "model"] = "last"
+    aggregation: Aggregation = "last"
     selection: Literal["argmax", "vote"] = "argmax"
 
 
@@ -52,10 +52,7 @@ class _TreeSearch(Strategy):
 
     def check_budget(self, budget: int) -> None:
         super().check_budget(budget)
-        if budget % self.params.beam_width:
-            raise ValueError(
-                f"{self.name}: budget {budget} is not divisible by beam_width {self.params.beam_width}"
-            )
+        self.require_divisible(budget, self.params.beam_width, "beam_width")
 
     async def _expand(self, ctx: RunContext, beams: list[Particle]):
         """M children per beam with one policy call, then their scores with one PRM call."""

@@ -9,17 +9,16 @@ the whole solution aggregated across steps (``aggregation``).
 
 from __future__ import annotations
 
-from typing import Literal
 
 import numpy as np
 
 from ..types import Result
-from .base import Params, Strategy, register
+from .base import Aggregation, Params, Strategy, register
 from .context import RunContext
 
 
 class BestOfNParams(Params):
-    aggregation: Literal["last", "min", "prod", "mean", "model"] = "last"
+    aggregation: Aggregation = "last"
 
 
 class _Scored(Strategy):

@@ -16,7 +16,6 @@ temperature), whose sweeps give the candidates with equal weight per round.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import numpy as np
 from pydantic import Field, field_validator
@@ -24,18 +23,14 @@ from pydantic import Field, field_validator
 from ..core import EveryStep
 from ..core.genealogy import Trajectory
 from ..types import Particle, Result
-from .base import Params, Strategy, register
+from .base import Strategy, register
 from .context import RunContext
-from .particle_gibbs import csmc_sweep, next_reference
+from .particle_gibbs import ChainParams, csmc_sweep, next_reference
 
 
-class ParallelTemperingParams(Params):
+class ParallelTemperingParams(ChainParams):
     temperatures: tuple[float, ...] = (1.0, 2.0, 4.0)
     rounds: int = Field(2, ge=1, description="sweeps per chain")
-    link: Literal["odds", "log"] = "odds"
-    schedule: str = "always"
-    aggregation: Literal["last", "min", "prod", "mean", "model"] = "last"
-    selection: Literal["argmax", "sample", "vote"] = "argmax"
 
     @field_validator("temperatures")
     @classmethod
@@ -63,9 +58,7 @@ class ParallelTempering(Strategy):
 
     def check_budget(self, budget: int) -> None:
         super().check_budget(budget)
-        per = len(self.params.temperatures) * self.params.rounds
-        if budget % per:
-            raise ValueError(f"{self.name}: budget {budget} is not divisible by chains × rounds = {per}")
+        self.require_divisible(budget, len(self.params.temperatures) * self.params.rounds, "chains × rounds =")
 
     async def potential(self, ctx: RunContext, refs: list[Trajectory | None]) -> list[float]:
         """L(x) for each reference, scoring every prefix in one PRM call."""

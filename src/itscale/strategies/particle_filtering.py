@@ -20,15 +20,15 @@ from pydantic import Field, field_validator
 
 from ..core import EveryStep, Twisted, get_resampler, get_schedule, run_smc
 from ..types import Particle, Result
-from .base import Params, Strategy, register
+from .base import Aggregation, Params, Selection, Strategy, register
 from .context import RunContext
 
 
 class _SMCParams(Params):
     resampler: str = "systematic"
     schedule: str = "always"
-    aggregation: Literal["last", "min", "prod", "mean", "model"] = "last"
-    selection: Literal["argmax", "sample", "vote"] = "argmax"
+    aggregation: Aggregation = "last"
+    selection: Selection = "argmax"
 
     @field_validator("resampler")
     @classmethod
@@ -52,7 +52,7 @@ class TwistedParams(_SMCParams):
     schedule: str = "ess:0.5"
     # argmax over final importance weights r/ψ chases PRM noise as N grows;
     # the weighted vote estimates the posterior's most probable answer
-    selection: Literal["argmax", "sample", "vote"] = "vote"
+    selection: Selection = "vote"
     beta: float = Field(1.0, gt=0, description="reward exponent: target p(x)·r(x)^β")
 
 
@@ -69,29 +69,34 @@ def _result(strategy: Strategy, ctx: RunContext, budget: int, smc, selection: st
     return strategy.result(ctx, budget, smc.states, smc.weights, selection=selection, **fields)
 
 
+class _SMCStrategy(Strategy):
+    """N particles from the empty solution, moved and weighted by the core driver."""
+
+    needs_prm = True
+
+    def observation(self, ctx: RunContext):
+        raise NotImplementedError
+
+    async def _run(self, ctx: RunContext, budget: int) -> Result:
+        p = self.params
+        smc = await run_smc([Particle(ctx.problem)] * budget, ctx.propose, self.observation(ctx), rng=ctx.rng,
+                            max_steps=self.format.max_steps, resampler=p.resampler, schedule=p.schedule)
+        return _result(self, ctx, budget, smc, p.selection)
+
+
 @register
-class ParticleFiltering(Strategy):
+class ParticleFiltering(_SMCStrategy):
     name = "particle_filtering"
     Params = ParticleFilteringParams
-    needs_prm = True
 
-    async def _run(self, ctx: RunContext, budget: int) -> Result:
-        p = self.params
-        observe = EveryStep(ctx.prm_scores, link=p.link, temperature=p.temperature)
-        smc = await run_smc([Particle(ctx.problem)] * budget, ctx.propose, observe, rng=ctx.rng,
-                            max_steps=self.format.max_steps, resampler=p.resampler, schedule=p.schedule)
-        return _result(self, ctx, budget, smc, p.selection)
+    def observation(self, ctx: RunContext):
+        return EveryStep(ctx.prm_scores, link=self.params.link, temperature=self.params.temperature)
 
 
 @register
-class TwistedSMC(Strategy):
+class TwistedSMC(_SMCStrategy):
     name = "twisted_smc"
     Params = TwistedParams
-    needs_prm = True
 
-    async def _run(self, ctx: RunContext, budget: int) -> Result:
-        p = self.params
-        observe = Twisted(reward=ctx.outcome_scores, twist=ctx.prm_scores, beta=p.beta)
-        smc = await run_smc([Particle(ctx.problem)] * budget, ctx.propose, observe, rng=ctx.rng,
-                            max_steps=self.format.max_steps, resampler=p.resampler, schedule=p.schedule)
-        return _result(self, ctx, budget, smc, p.selection)
+    def observation(self, ctx: RunContext):
+        return Twisted(reward=ctx.outcome_scores, twist=ctx.prm_scores, beta=self.params.beta)

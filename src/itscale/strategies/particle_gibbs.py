@@ -21,17 +21,22 @@ from pydantic import Field
 from ..core import EveryStep, run_smc
 from ..core.genealogy import Trajectory
 from ..types import Particle, Result
-from .base import Params, Strategy, register
+from .base import Aggregation, Params, Selection, Strategy, register
 from .context import RunContext
 
 
-class ParticleGibbsParams(Params):
-    sweeps: int = Field(2, ge=1, description="S: conditional SMC sweeps; particles per sweep = budget / S")
-    temperature: float = Field(1.0, gt=0)
+class ChainParams(Params):
+    """What every conditional-SMC chain shares (particle Gibbs, parallel tempering)."""
+
     link: Literal["odds", "log"] = "odds"
     schedule: str = "always"
-    aggregation: Literal["last", "min", "prod", "mean", "model"] = "last"
-    selection: Literal["argmax", "sample", "vote"] = "argmax"
+    aggregation: Aggregation = "last"
+    selection: Selection = "argmax"
+
+
+class ParticleGibbsParams(ChainParams):
+    sweeps: int = Field(2, ge=1, description="S: conditional SMC sweeps; particles per sweep = budget / S")
+    temperature: float = Field(1.0, gt=0)
 
 
 async def csmc_sweep(ctx: RunContext, n: int, observe, schedule: str, reference: Trajectory | None):
@@ -53,8 +58,7 @@ class ParticleGibbs(Strategy):
 
     def check_budget(self, budget: int) -> None:
         super().check_budget(budget)
-        if budget % self.params.sweeps:
-            raise ValueError(f"{self.name}: budget {budget} is not divisible by sweeps {self.params.sweeps}")
+        self.require_divisible(budget, self.params.sweeps, "sweeps")
 
     async def _run(self, ctx: RunContext, budget: int) -> Result:
         p = self.params
