@@ -17,7 +17,7 @@ import math
 import time
 
 from itscale.strategies import make_strategy, run_many
-from itscale.strategies.context import StepFormat
+from itscale.types import StepFormat
 from itscale.testing import SimulatedTask
 from itscale.types import SamplingParams
 

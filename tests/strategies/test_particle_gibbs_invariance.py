@@ -19,7 +19,7 @@ from scipy import stats
 
 from itscale.core import EveryStep, Trajectory
 from itscale.strategies import make_strategy
-from itscale.strategies.context import StepFormat
+from itscale.types import StepFormat
 from itscale.strategies.particle_gibbs import csmc_sweep
 from itscale.testing import SimulatedTask
 from itscale.types import Particle, SamplingParams, ScoreRequest, Step

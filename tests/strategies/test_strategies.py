@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from itscale.strategies import STRATEGIES, make_strategy, run_many
-from itscale.strategies.context import StepFormat
+from itscale.types import StepFormat
 from itscale.tasks.answers import answer_key, extract_answer
 from itscale.testing import SimulatedTask
 from itscale.types import SamplingParams, ScoreRequest

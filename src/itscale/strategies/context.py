@@ -26,41 +26,7 @@ from ..core.smc import Proposed
 from ..protocols import Generator, OutcomeScorer, ProcessRewardModel
 from ..rewards.aggregate import aggregate, score_request_steps
 from ..tasks.answers import extract_answer
-from ..types import Cost, Particle, Problem, SamplingParams, ScoreRequest, Step, StepRequest
-
-
-@dataclass(frozen=True)
-class StepFormat:
-    """How solutions are cut into steps and when one is finished.
-
-    A particle finishes when its step ended with end-of-sequence, when the step
-    contains an answer marker, or when it reaches ``max_steps`` steps.
-    """
-
-    delimiter: str = "\n\n"
-    answer_markers: tuple[str, ...] = ("\\boxed{",)
-    max_steps: int = 32
-
-    def __post_init__(self) -> None:
-        if not self.delimiter:
-            raise ValueError("StepFormat.delimiter must be a non-empty string (e.g. '\\n\\n')")
-        if self.max_steps < 1:
-            raise ValueError(f"StepFormat.max_steps must be >= 1, got {self.max_steps!r}")
-
-    def is_final(self, step: Step, n_steps: int) -> bool:
-        return (
-            step.finish_reason == "eos"
-            or any(m in step.text for m in self.answer_markers)
-            or n_steps >= self.max_steps
-        )
-
-    def split(self, text: str) -> list[str]:
-        """Cut a solution into steps, each keeping its trailing delimiter."""
-        parts = text.split(self.delimiter)
-        steps = [p + self.delimiter for p in parts[:-1]]
-        if parts[-1]:
-            steps.append(parts[-1])
-        return [s for s in steps if s.strip()] or [text]
+from ..types import Cost, Particle, Problem, SamplingParams, ScoreRequest, Step, StepFormat, StepRequest
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..types import Problem
+from ..types import Problem, StepFormat
 
 DELIMITER = "\n"
 ANSWER_PREFIX = "Answer: "
@@ -33,6 +33,9 @@ DATA_VERSION = "v1"
 LEVELS = {"easy": (2, 3), "medium": (4, 4), "hard": (5, 6)}
 EVAL_SEEDS = {"easy": 1_000_001, "medium": 1_000_002, "hard": 1_000_003}
 EVAL_SIZE = 500
+
+# How strategies cut and finish solutions of this task (at most 6 operations + answer).
+STEP_FORMAT = StepFormat(delimiter=DELIMITER, answer_markers=(ANSWER_PREFIX.strip(),), max_steps=10)
 
 _OP = re.compile(r"^(-?\d+)([+\-*])(\d+)=(-?\d+)$")
 _ANSWER = re.compile(r"^Answer:\s*(-?\d+)\s*$")
