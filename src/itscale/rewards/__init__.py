@@ -1,5 +1,24 @@
-"""Scorers: process reward models, outcome verifiers, and score aggregation."""
+"""Scorers: process reward models, outcome verifiers, and score aggregation.
+
+The Hugging Face PRMs (``HFTagPRM``, ``HFClassifierPRM``, from :mod:`itscale.rewards.hf`)
+are imported lazily, so importing this package does not import torch.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
 
 from .aggregate import AGGREGATIONS, aggregate, aggregate_prefixes
 
-__all__ = ["AGGREGATIONS", "aggregate", "aggregate_prefixes"]
+_LAZY = {"HFTagPRM": "hf", "HFClassifierPRM": "hf", "PRMStats": "hf"}
+
+__all__ = ["AGGREGATIONS", "HFClassifierPRM", "HFTagPRM", "PRMStats", "aggregate", "aggregate_prefixes"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

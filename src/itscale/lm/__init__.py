@@ -1,0 +1,35 @@
+"""Policy backends ("generators").
+
+- :class:`~itscale.lm.hf.HFGenerator` — a local Hugging Face causal LM: batched
+  generation over the population with per-row stop strings, seeded sampling, and
+  key/value-cache reuse across steps (needs the ``hf`` extra: torch, transformers).
+- :class:`~itscale.lm.loading.ModelLoadError` — a model folder that cannot be loaded.
+
+Names are imported lazily, so ``import itscale.lm`` does not import torch.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "HFGenerator": "hf",
+    "GeneratorStats": "hf",
+    "ModelLoadError": "loading",
+    "KVStore": "kv_cache",
+}
+
+__all__ = ["GeneratorStats", "HFGenerator", "KVStore", "ModelLoadError"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

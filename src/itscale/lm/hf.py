@@ -1,0 +1,453 @@
+r"""A local Hugging Face causal LM as an itscale policy backend, with KV-cache reuse.
+
+:class:`HFGenerator` implements :class:`itscale.protocols.Generator`. One call
+serves a whole population: every request's ``k`` continuations are rows of one
+batched decode (chunked by ``max_batch``).
+
+What the model reads
+--------------------
+For a request with problem ``x`` and steps ``s_1..s_t`` the context text is
+
+    c = chat_template([user: x], add_generation_prompt=True) + s_1 + … + s_t
+
+(the raw prompt when the tokenizer has no chat template), and each continuation is
+sampled after exactly ``c``. A continuation ends
+
+- right after the first stop string in its *generated* text (``finish_reason="stop"``;
+  the stop string stays in ``Step.text``, nothing after it),
+- at an end-of-sequence token (``"eos"``; the token is counted in ``Step.tokens`` and its
+  log-probability in ``Step.logprob``, but it is not in the text),
+- or after ``params.max_step_tokens`` tokens, or at the model's last position
+  (``max_position_embeddings``) if that comes first (``"length"``). A context that
+  already fills every position gives ``finish_reason="error"``.
+
+``Step.logprob = Σ_j log p(y_j | c, y_<j)`` over the generated tokens under the model's
+raw distribution (temperature 1, no nucleus), in float64. Sampling is described in
+:mod:`itscale.lm.sampling`: continuation ``j`` of a request with seed ``s`` uses only
+its own row of uniforms, so results do not depend on batch composition.
+
+Key/value-cache reuse
+---------------------
+With ``reuse_cache=True`` a :class:`~itscale.lm.kv_cache.KVStore` (a prefix tree of KV
+segments keyed by the text they cover) keeps the states of every context and every
+generated step:
+
+1. *Lookup.* For a context ``c`` find the deepest stored node whose text is a prefix
+   of ``c``. The uncovered suffix ``c[covered:]`` alone is tokenized and prefilled
+   on top of the node's states (their token ids are reused, never re-tokenized).
+   When the node covers ``c`` exactly — the usual case, a particle continuing right
+   after a step this generator produced — nothing is prefilled: the node stores the
+   next-token logits too, and the first token is sampled from them.
+2. *Store.* After a continuation stops, its last token is run through the model
+   once more (it is needed anyway by whoever continues the particle) and the step's
+   states and next-token logits are stored as a child node keyed by the step text.
+   Tokens after a stop string are never stored; if a stop string ends inside a
+   token (multi-character tokenizers), only the tokens that decode exactly to a
+   prefix of the step are kept and the rest is re-read as a suffix next time.
+3. *Evict.* Least-recently-used leaves beyond ``cache_tokens`` stored tokens.
+
+Rows with different cached and new lengths share a batch with left padding, an
+attention mask and explicit position ids (each row counts only its real tokens).
+``Step.prompt_tokens`` is the whole context's token count and ``Step.prefilled_tokens``
+the tokens actually run through prefill for that request (both on the first
+continuation only). Identical contexts in one call are prefilled once (the later
+requests report 0 prefilled). With ``reuse_cache=False`` every request's context is
+tokenized whole and prefilled, the baseline.
+
+Caveat: for tokenizers whose tokens span several characters, the ids reused from
+the cache are the tokens the model generated, while the baseline re-tokenizes the
+text; the two can differ (both are valid encodings of the same text). With
+character-level tokenizers they are identical.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from ..types import Capabilities, SamplingParams, Step, StepRequest
+from .detok import Detokenizer, find_stop
+from .kv_cache import KVNode, KVStore, any_kv, buffered_cache, left_padded_kv, new_root, slice_kv, tokens_for_bytes
+from .loading import (
+    ModelLoadError,
+    accepts,
+    cache_kwarg,
+    chat_prompt,
+    check_full_attention,
+    check_model_dir,
+    count_parameters,
+    encode,
+    eos_token_ids,
+    load_model,
+    load_tokenizer,
+)
+from .sampling import sample_tokens, token_logprobs, uniform_table
+
+__all__ = ["GeneratorStats", "HFGenerator", "ModelLoadError"]
+
+_DEFAULT_SEED = 0x5EED  # requests with params.seed None: this seed and a per-generator counter
+_CACHE_BYTES = 1 << 30  # default cache budget when cache_tokens is not given
+
+
+@dataclass
+class GeneratorStats:
+    """Counters since construction (or :meth:`HFGenerator.reset_stats`)."""
+
+    calls: int = 0
+    requests: int = 0
+    rows: int = 0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    prefilled_tokens: int = 0
+    forward_passes: int = 0
+    cache_hits: int = 0  # contexts served entirely from the cache (nothing prefilled)
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(eq=False)
+class _Context:
+    """One distinct context text of a call, ready to decode from once ``node`` is set."""
+
+    text: str
+    node: KVNode | None = None
+    prompt_tokens: int = 0
+    prefilled: int = 0
+    error: str | None = None
+    claimed: bool = False  # whether a request has already reported its prefill
+
+
+@dataclass(eq=False)
+class _Row:
+    request: int
+    ctx: _Context
+    params: SamplingParams
+    stops: tuple[str, ...]
+    uniforms: torch.Tensor
+    limit: int  # max_step_tokens, or fewer near the model's last position
+    detok: Detokenizer | None = None
+    n_tokens: int = 0
+    logprob: float = 0.0
+    text: str | None = None
+    finish: str | None = None
+    fed: int = 0  # generated tokens already run through the model
+    store_kept: int = 0  # generated tokens to store once fed (0: nothing to store)
+    ids: list[int] = field(default_factory=list)  # generated ids (without an EOS)
+
+
+class HFGenerator:
+    """A Hugging Face causal LM as a batched, seeded, KV-reusing step generator.
+
+    ``path_or_model`` is a model folder (loaded with ``AutoModelForCausalLM``) or a
+    model object (then ``tokenizer`` is required; the model is moved to ``device``). ``dtype`` defaults to float32 when
+    loading and to the model's own dtype for a model object. ``cache_tokens`` bounds
+    the stored KV tokens (default: as many as fit in 1 GiB; stored next-token logits
+    count as the KV tokens of the same memory). ``run_in_thread`` runs
+    the torch work in a worker thread so the event loop stays responsive; calls are
+    serialised by a lock either way.
+    """
+
+    def __init__(
+        self,
+        path_or_model: Any,
+        tokenizer: Any = None,
+        *,
+        device: Any = "cpu",
+        dtype: torch.dtype | None = None,
+        max_batch: int = 64,
+        cache_tokens: int | None = None,
+        reuse_cache: bool = True,
+        system_prompt: str | None = None,
+        run_in_thread: bool = True,
+    ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if isinstance(path_or_model, (str, os.PathLike)):
+            folder = check_model_dir(path_or_model, need_tokenizer=tokenizer is None)
+            tokenizer = tokenizer if tokenizer is not None else load_tokenizer(folder)
+            model = load_model(folder, "causal_lm", device, dtype)
+        else:
+            if tokenizer is None:
+                raise ValueError("HFGenerator(model_object) needs tokenizer=...")
+            model = path_or_model.to(device=device, dtype=dtype) if dtype is not None else path_or_model.to(device)
+            model.eval()
+        check_full_attention(model)
+        self.model, self.tokenizer = model, tokenizer
+        self.device = torch.device(device)
+        self.max_batch = int(max_batch)
+        self.reuse_cache = bool(reuse_cache)
+        self.system_prompt = system_prompt
+        self.run_in_thread = run_in_thread
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
+        self.pad_id = int(pad)
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        self._cache_kw = cache_kwarg(model)
+        self._logits_to_keep = accepts(model, "logits_to_keep")
+        self.capabilities = Capabilities(
+            logprobs=True, n_per_request=True, prefix_cache=self.reuse_cache, n_parameters=count_parameters(model)
+        )
+        self.store = KVStore(cache_tokens if cache_tokens is not None else tokens_for_bytes(model, _CACHE_BYTES))
+        self.stats = GeneratorStats()
+        self._prompts: dict[str, str] = {}
+        self._add_special_tokens = chat_prompt(tokenizer, "", None)[1]
+        self._seeds = itertools.count()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "HFGenerator":
+        """Load a local model folder; :class:`ModelLoadError` names the folder and the cause."""
+        return cls(Path(path), **kwargs)
+
+    # -- public API -----------------------------------------------------------------
+    async def generate_steps(self, requests: Sequence[StepRequest]) -> list[list[Step]]:
+        if self.run_in_thread:
+            return await asyncio.to_thread(self.generate_steps_sync, list(requests))
+        return self.generate_steps_sync(requests)
+
+    def generate_steps_sync(self, requests: Sequence[StepRequest]) -> list[list[Step]]:
+        """The same as :meth:`generate_steps`, blocking."""
+        with self._lock, torch.inference_mode():
+            return self._generate(list(requests))
+
+    def reset_stats(self) -> None:
+        self.stats = GeneratorStats()
+
+    def clear_cache(self) -> None:
+        self.store.clear()
+
+    def context_text(self, prompt: str, prefix: str = "") -> str:
+        """The exact text the model continues for a problem prompt and a solution prefix."""
+        text = self._prompts.get(prompt)
+        if text is None:
+            if len(self._prompts) > 4096:
+                self._prompts.clear()
+            text = self._prompts[prompt] = chat_prompt(self.tokenizer, prompt, self.system_prompt)[0]
+        return text + prefix
+
+    # -- one call -------------------------------------------------------------------
+    def _generate(self, requests: list[StepRequest]) -> list[list[Step]]:
+        self.stats.calls += 1
+        self.stats.requests += len(requests)
+        texts = [self.context_text(r.problem.prompt, r.prefix) for r in requests]
+        contexts = self._prepare(texts)
+        rows: list[_Row] = []
+        for i, r in enumerate(requests):
+            seed = r.params.seed if r.params.seed is not None else _DEFAULT_SEED * 1_000_003 + next(self._seeds)
+            table = uniform_table(seed, r.k, r.params.max_step_tokens)
+            limit = r.params.max_step_tokens
+            if self.max_positions and contexts[i].node is not None:  # stop at the model's last position
+                limit = min(limit, self.max_positions - contexts[i].node.length)
+            rows.extend(_Row(i, contexts[i], r.params, tuple(r.stop), table[j], limit) for j in range(r.k))
+        live = [row for row in rows if row.ctx.error is None]
+        for start in range(0, len(live), self.max_batch):
+            self._decode(live[start:start + self.max_batch])
+        outputs: list[list[Step]] = [[] for _ in requests]
+        for row in rows:
+            outputs[row.request].append(self._step(row, first=not outputs[row.request]))
+        if self.reuse_cache:
+            self.store.trim()
+        return outputs
+
+    def _step(self, row: _Row, first: bool) -> Step:
+        ctx = row.ctx
+        if ctx.error is not None:
+            return Step("", finish_reason="error", error=ctx.error, prompt_tokens=0, prefilled_tokens=0)
+        prompt, prefilled = 0, 0
+        if first:
+            prompt = ctx.prompt_tokens
+            if not ctx.claimed:
+                prefilled, ctx.claimed = ctx.prefilled, True
+        self.stats.rows += 1
+        self.stats.generated_tokens += row.n_tokens
+        self.stats.prompt_tokens += prompt
+        self.stats.prefilled_tokens += prefilled
+        return Step(row.text or "", row.n_tokens, prompt, prefilled, row.logprob, row.finish or "length")
+
+    # -- contexts: lookup and prefill ----------------------------------------------
+    def _prepare(self, texts: Sequence[str]) -> list[_Context]:
+        """One context per request (shared by requests with the same text when reusing)."""
+        if self.reuse_cache:
+            distinct = {text: _Context(text) for text in dict.fromkeys(texts)}
+            contexts = [distinct[text] for text in texts]
+        else:
+            contexts = [_Context(text) for text in texts]
+        pending: list[tuple[_Context, KVNode, str, list[int]]] = []
+        scratch = new_root()  # parent of nodes that are not stored (reuse off)
+        for ctx in dict.fromkeys(contexts):
+            text = ctx.text
+            if self.reuse_cache:
+                # a node without next-token logits can only be a base for a non-empty suffix
+                node, covered = self.store.match_text(text, lambda n, pos, end=len(text): n.logits is not None or pos < end)
+            else:
+                node, covered = scratch, 0
+            if covered == len(text) and node.logits is not None:
+                if self._too_long(ctx, node.length):
+                    continue
+                ctx.node, ctx.prompt_tokens = node, node.length
+                self.store.touch(node)
+                self.stats.cache_hits += 1
+                continue
+            if covered:
+                key, ids = text[covered:], encode(self.tokenizer, text[covered:])
+            else:
+                key, ids = text, encode(self.tokenizer, text, add_special_tokens=self._add_special_tokens)
+            if not ids:
+                ctx.error = "the context tokenizes to no tokens"
+                continue
+            if self._too_long(ctx, node.length + len(ids)):
+                continue
+            pending.append((ctx, node, key, ids))
+        pending.sort(key=lambda p: p[1].length + len(p[3]))
+        for start in range(0, len(pending), self.max_batch):
+            self._prefill(pending[start:start + self.max_batch])
+        return contexts
+
+    def _too_long(self, ctx: _Context, length: int) -> bool:
+        if self.max_positions and length >= self.max_positions:
+            ctx.error = f"a context of {length} tokens leaves no room in the model's {self.max_positions} positions"
+            return True
+        return False
+
+    def _prefill(self, chunk: list[tuple[_Context, KVNode, str, list[int]]]) -> None:
+        bases = [base for _, base, _, _ in chunk]
+        B, N = len(chunk), max(len(ids) for *_, ids in chunk)
+        template = any_kv(bases)
+        keys, values, C = left_padded_kv(bases, len(template), template) if template else ([], [], 0)
+        cache = DynamicCache(ddp_cache_data=list(zip(keys, values))) if C else DynamicCache()
+        input_ids = torch.full((B, N), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, C + N), dtype=torch.long)
+        positions = torch.zeros((B, N), dtype=torch.long)
+        for b, (_, base, _, ids) in enumerate(chunk):
+            n, L = len(ids), base.length
+            input_ids[b, N - n:] = torch.tensor(ids, dtype=torch.long)
+            mask[b, C - L:C] = 1
+            mask[b, C + N - n:] = 1
+            positions[b, N - n:] = torch.arange(L, L + n)
+        logits = self._forward(input_ids, mask, positions, cache)
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        for b, (ctx, base, key, ids) in enumerate(chunk):
+            n = len(ids)
+            node = KVNode(key, base, torch.tensor(ids, dtype=torch.long),
+                          slice_kv(layers, b, C + N - n, C + N), logits=logits[b].clone())
+            if self.reuse_cache:
+                node = self.store.insert(node)
+            ctx.node, ctx.prompt_tokens, ctx.prefilled = node, node.length, n
+
+    def _forward(self, input_ids, mask, positions, cache) -> torch.Tensor:
+        """Next-token logits ``[B, V]`` (float32) at the last column; ``cache`` grows in place."""
+        kwargs = {self._cache_kw: cache, "use_cache": True}
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(
+            input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device), **kwargs,
+        )
+        self.stats.forward_passes += 1
+        return out.logits[:, -1].float()
+
+    # -- decoding -------------------------------------------------------------------
+    def _decode(self, rows: list[_Row]) -> None:
+        nodes = list(dict.fromkeys(row.ctx.node for row in rows))
+        where = {id(n): i for i, n in enumerate(nodes)}
+        index = torch.tensor([where[id(row.ctx.node)] for row in rows], device=self.device)
+        template = any_kv(nodes)
+        keys, values, P = left_padded_kv(nodes, len(template), template)
+        spare = max(row.limit for row in rows) + 1
+        cache = buffered_cache([k.index_select(0, index) for k in keys], [v.index_select(0, index) for v in values], spare)
+        lengths = torch.tensor([row.ctx.node.length for row in rows], dtype=torch.long)
+        mask = (torch.arange(P)[None, :] >= (P - lengths)[:, None]).long()
+        positions = lengths.clone()
+        logits = torch.stack([n.logits for n in nodes]).index_select(0, index)
+        temperature = torch.tensor([row.params.temperature for row in rows], dtype=torch.float64)
+        top_p = torch.tensor([row.params.top_p for row in rows], dtype=torch.float64)
+        width = max(row.uniforms.numel() for row in rows)
+        uniforms = torch.zeros((len(rows), width), dtype=torch.float64)
+        for b, row in enumerate(rows):
+            uniforms[b, : row.uniforms.numel()] = row.uniforms
+            row.detok = Detokenizer(self.tokenizer, row.ctx.node.tail_ids(8))
+
+        batch = list(rows)  # batch position -> row; finished rows stay until compacted away
+        live = set(range(len(rows)))
+        t = 0
+        while live:
+            tokens = sample_tokens(logits, temperature, top_p, uniforms[:, t]).tolist()
+            lps = token_logprobs(logits, torch.tensor(tokens, device=logits.device)).tolist()
+            finals = set()  # rows whose last token must be run once more to store the step
+            for b in sorted(live):
+                row = batch[b]
+                if not self._advance(row, tokens[b], lps[b]):
+                    continue
+                live.discard(b)
+                if row.store_kept > row.fed:
+                    finals.add(b)
+                elif row.store_kept:  # a stop string ended inside a token: store what was fed
+                    self._store(row, cache, b, P, None)
+            feed = sorted(live | finals)
+            if not feed:
+                break
+            if 4 * (len(batch) - len(feed)) >= len(batch):  # compact: drop finished rows
+                keep = torch.tensor(feed, device=self.device)
+                for layer in cache.layers:
+                    layer.batch_select_indices(keep)
+                cpu_keep = torch.tensor(feed)
+                mask, positions = mask.index_select(0, cpu_keep), positions.index_select(0, cpu_keep)
+                temperature, top_p = temperature.index_select(0, cpu_keep), top_p.index_select(0, cpu_keep)
+                uniforms = uniforms.index_select(0, cpu_keep)
+                renumber = {old: new for new, old in enumerate(feed)}
+                batch, tokens = [batch[old] for old in feed], [tokens[old] for old in feed]
+                live, finals = {renumber[b] for b in live}, {renumber[b] for b in finals}
+            running = live | finals
+            fed = [[tok if b in running else self.pad_id] for b, tok in enumerate(tokens)]
+            mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=torch.long)], dim=1)
+            logits = self._forward(torch.tensor(fed, dtype=torch.long), mask, positions[:, None], cache)
+            positions = positions + 1
+            for b in running:
+                batch[b].fed += 1
+            for b in finals:
+                self._store(batch[b], cache, b, P, logits[b])
+            t += 1
+
+    def _advance(self, row: _Row, token: int, logprob: float) -> bool:
+        """Take one sampled token; True when the row has finished."""
+        row.n_tokens += 1
+        row.logprob += logprob
+        detok = row.detok
+        if token in self.eos_ids:
+            detok.flush()
+            row.text, row.finish = detok.text, "eos"
+            return True
+        row.ids.append(token)
+        start = len(detok.text)
+        detok.push(token)
+        stop_end = find_stop(detok.text, row.stops, start) if row.stops and len(detok.text) > start else None
+        if stop_end is not None:
+            row.text, row.finish = detok.text[:stop_end], "stop"
+        elif row.n_tokens >= row.limit:
+            detok.flush()
+            row.text, row.finish = detok.text, "length"
+        else:
+            return False
+        if self.reuse_cache:
+            row.store_kept = detok.kept_tokens(len(row.text))
+        return True
+
+    def _store(self, row: _Row, cache: DynamicCache, b: int, P: int, logits: torch.Tensor | None) -> None:
+        """Store the row's kept generated tokens (batch columns ``[P, P + kept)``) under its context."""
+        key = row.detok.text[: row.detok.kept_text_end(row.store_kept)]
+        if not key:
+            return
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        ids = torch.tensor(row.ids[: row.store_kept], dtype=torch.long)
+        node = KVNode(key, row.ctx.node, ids, slice_kv(layers, b, P, P + row.store_kept),
+                      logits=None if logits is None else logits.clone())
+        self.store.insert(node)

@@ -1,0 +1,318 @@
+"""A prefix tree of key/value states, and padded batches built from it.
+
+Why a tree
+----------
+Particles share prefixes: every particle of a problem starts with the same prompt,
+and after resampling several particles continue the same ancestor. Each node of a
+:class:`KVStore` holds only its own *segment* — the token ids it adds to its parent
+and their keys/values, ``(k, v)`` of shape ``[heads, n, head_dim]`` per layer — so a
+prefix shared by many particles is stored once. The states of a whole context are
+the concatenation of the segments on the path from the root.
+
+A node is found by its *key*: the text its segment covers (the generator walks the
+tree by ``text.startswith(child.key, position)``), or a step text (the PRM walks by
+exact keys). A node may also carry the model's next-token ``logits`` after its last
+token (so a context that ends exactly at a node needs no forward pass at all) and a
+``value`` (the PRM stores the step's score there).
+
+Memory bound: the store's ``size`` counts the tokens of all its segments, a node's
+stored logits counted as the number of KV tokens taking the same memory (for large
+vocabularies they are not negligible); :meth:`KVStore.trim` evicts least-recently-used
+*leaves* (a node is "used" when it or a descendant is matched or inserted) until the
+size is within ``max_tokens``. Eviction only happens
+between backend calls, so nodes in use by a call are never freed under it.
+
+Padded batches
+--------------
+Rows of different lengths run in one forward pass with *left* padding: row ``b``'s
+``L_b`` cached tokens occupy the last ``L_b`` of ``P = max_b L_b`` columns, the
+attention mask is 0 on the padding, and position ids count only real tokens
+(``position = number of real tokens before``), so a padded row computes exactly what
+it would compute alone.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer (keys, values), each [heads, n, head_dim]
+
+
+@dataclass(eq=False)
+class KVNode:
+    key: str
+    parent: "KVNode | None"
+    ids: torch.Tensor  # int64 [n], this segment's token ids
+    kv: KV | None  # None only for the root
+    logits: torch.Tensor | None = None  # next-token logits after the last token, [vocab]
+    value: Any = None
+    children: dict[str, "KVNode"] = field(default_factory=dict)
+    last_used: int = 0
+    in_store: bool = False
+    length: int = 0  # tokens from the root to the end of this node
+
+    def __post_init__(self) -> None:
+        self.length = (self.parent.length if self.parent is not None else 0) + int(self.ids.numel())
+
+    @property
+    def n(self) -> int:
+        return int(self.ids.numel())
+
+    @property
+    def size(self) -> int:
+        """Memory in KV-token units: the segment's tokens plus its logits' equivalent."""
+        if self.logits is None or self.kv is None or self.n == 0:
+            return self.n
+        kv_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv)
+        logit_bytes = self.logits.numel() * self.logits.element_size()
+        return self.n + -(-logit_bytes * self.n // max(kv_bytes, 1))
+
+    def chain(self) -> list["KVNode"]:
+        """The nodes from the root's first child down to this one (the root holds nothing)."""
+        out, node = [], self
+        while node is not None and node.kv is not None:
+            out.append(node)
+            node = node.parent
+        return out[::-1]
+
+    def token_ids(self) -> torch.Tensor:
+        parts = [n.ids for n in self.chain()]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+    def tail_ids(self, count: int) -> list[int]:
+        """The last ``count`` token ids of the whole context (fewer when it is shorter)."""
+        out: list[int] = []
+        node = self
+        while node is not None and node.kv is not None and len(out) < count:
+            out = node.ids.tolist()[-(count - len(out)):] + out
+            node = node.parent
+        return out
+
+
+def new_root() -> KVNode:
+    return KVNode("", None, torch.zeros(0, dtype=torch.long), None)
+
+
+class KVStore:
+    """Least-recently-used prefix tree of KV segments, bounded by ``max_tokens`` (see ``size``)."""
+
+    def __init__(self, max_tokens: int):
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+        self.max_tokens = int(max_tokens)
+        self.root = new_root()
+        self.tokens = 0  # KV tokens stored
+        self.size = 0  # memory in KV-token units (tokens + logits), what max_tokens bounds
+        self.nodes = 0
+        self._tick = itertools.count(1)
+
+    # -- lookup ---------------------------------------------------------------------
+    def match_text(self, text: str, accept: Callable[[KVNode, int], bool]) -> tuple[KVNode, int]:
+        """The deepest node whose text is a prefix of ``text`` and that ``accept(node, covered)``
+        allows, with the number of characters it covers; ``(root, 0)`` when there is none."""
+        node, pos, best = self.root, 0, (self.root, 0)
+        while True:
+            nxt = None
+            for child in node.children.values():
+                if text.startswith(child.key, pos) and (nxt is None or len(child.key) > len(nxt.key)):
+                    nxt = child
+            if nxt is None:
+                return best
+            node, pos = nxt, pos + len(nxt.key)
+            if accept(node, pos):
+                best = (node, pos)
+
+    def match_keys(self, keys: Sequence[str]) -> list[KVNode]:
+        """The nodes along the exact key path ``keys`` as far as it is stored."""
+        out, node = [], self.root
+        for key in keys:
+            node = node.children.get(key)
+            if node is None:
+                break
+            out.append(node)
+        return out
+
+    # -- update ---------------------------------------------------------------------
+    def insert(self, node: KVNode) -> KVNode:
+        """Add a detached node under its parent and return the stored node.
+
+        An existing child with the same key and token ids is kept (it holds the same
+        states), gaining the new node's logits if it had none; one with other token ids
+        (another tokenization of the same text) is replaced, with its subtree. A node whose
+        parent is no longer stored stays detached (usable, not cached).
+        """
+        parent = node.parent
+        if parent is None or not (parent is self.root or parent.in_store):
+            return node
+        existing = parent.children.get(node.key)
+        if existing is not None:
+            if torch.equal(existing.ids, node.ids):
+                if existing.logits is None and node.logits is not None:
+                    self.size -= existing.size
+                    existing.logits = node.logits
+                    self.size += existing.size
+                self.touch(existing)
+                return existing
+            self._remove(existing)
+        parent.children[node.key] = node
+        node.in_store = True
+        self.tokens += node.n
+        self.size += node.size
+        self.nodes += 1
+        self.touch(node)
+        return node
+
+    def touch(self, node: KVNode) -> None:
+        tick = next(self._tick)
+        while node is not None:
+            node.last_used = tick
+            node = node.parent
+
+    def _remove(self, node: KVNode) -> None:
+        """Drop ``node`` and its subtree from the store."""
+        del node.parent.children[node.key]
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            stack.extend(n.children.values())
+            n.in_store = False
+            self.tokens -= n.n
+            self.size -= n.size
+            self.nodes -= 1
+
+    def trim(self) -> int:
+        """Evict least-recently-used leaves until ``size <= max_tokens``; returns tokens freed."""
+        if self.size <= self.max_tokens:
+            return 0
+        heap: list[tuple[int, int, KVNode]] = []
+        stack = list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            if node.children:
+                stack.extend(node.children.values())
+            else:
+                heap.append((node.last_used, id(node), node))
+        heapq.heapify(heap)
+        freed = 0
+        while self.size > self.max_tokens and heap:
+            _, _, node = heapq.heappop(heap)
+            parent = node.parent
+            del parent.children[node.key]
+            node.in_store = False
+            self.tokens -= node.n
+            self.size -= node.size
+            self.nodes -= 1
+            freed += node.n
+            if parent is not self.root and not parent.children:
+                heapq.heappush(heap, (parent.last_used, id(parent), parent))
+        return freed
+
+    def clear(self) -> None:
+        self.root = new_root()
+        self.tokens = self.size = self.nodes = 0
+
+
+# -- padded batches -------------------------------------------------------------------
+class BufferedLayer(DynamicLayer):
+    """A full-attention cache layer that writes new states into spare capacity.
+
+    ``DynamicLayer.update`` concatenates the whole cache on every decode step (O(L) copies
+    per token); this layer preallocates ``spare`` extra columns and writes in place.
+    ``keys``/``values`` are views of the filled columns, as transformers expects.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, spare: int):
+        super().__init__()
+        B, H, L, D = keys.shape
+        self._k = keys.new_empty((B, H, L + spare, D))
+        self._v = values.new_empty((B, values.shape[1], L + spare, values.shape[3]))
+        self._k[:, :, :L] = keys
+        self._v[:, :, :L] = values
+        self._len = L
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self._views()
+
+    def _views(self) -> None:
+        self.keys, self.values = self._k[:, :, : self._len], self._v[:, :, : self._len]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        n = key_states.shape[-2]
+        if self._len + n > self._k.shape[2]:  # out of room: grow (not expected in decoding)
+            grow = max(self._len + n, 2 * self._k.shape[2]) - self._k.shape[2]
+            self._k = torch.cat([self._k, self._k.new_empty(*self._k.shape[:2], grow, self._k.shape[3])], dim=2)
+            self._v = torch.cat([self._v, self._v.new_empty(*self._v.shape[:2], grow, self._v.shape[3])], dim=2)
+        self._k[:, :, self._len : self._len + n] = key_states
+        self._v[:, :, self._len : self._len + n] = value_states
+        self._len += n
+        self._views()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the batch rows ``indices`` (spare capacity is kept)."""
+        self._k, self._v = self._k.index_select(0, indices), self._v.index_select(0, indices)
+        self._views()
+
+
+def buffered_cache(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], spare: int) -> DynamicCache:
+    """A DynamicCache of :class:`BufferedLayer` holding ``keys``/``values`` with room for ``spare`` more tokens."""
+    cache = DynamicCache()
+    cache.layers = [BufferedLayer(k, v, spare) for k, v in zip(keys, values)]
+    cache.layer_class_to_replicate = None
+    return cache
+
+
+
+def left_padded_kv(nodes: Sequence[KVNode], n_layers: int, template: KV | None) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    """Keys and values of the contexts ending at ``nodes``, left-padded to the longest.
+
+    Returns per-layer lists of ``[B, heads, P, head_dim]`` tensors and ``P``. ``template``
+    (any stored KV) gives the shapes, dtype and device when every context is empty.
+    """
+    P = max((n.length for n in nodes), default=0)
+    B = len(nodes)
+    if template is None:
+        return [], [], 0
+    keys, values = [], []
+    for layer in range(n_layers):
+        k0, v0 = template[layer]
+        keys.append(k0.new_zeros((B, k0.shape[0], P, k0.shape[2])))
+        values.append(v0.new_zeros((B, v0.shape[0], P, v0.shape[2])))
+    for b, node in enumerate(nodes):
+        pos = P - node.length
+        for seg in node.chain():
+            for layer, (k, v) in enumerate(seg.kv):
+                keys[layer][b, :, pos:pos + seg.n] = k
+                values[layer][b, :, pos:pos + seg.n] = v
+            pos += seg.n
+    return keys, values, P
+
+
+def any_kv(nodes: Sequence[KVNode]) -> KV | None:
+    for node in nodes:
+        for seg in node.chain():
+            return seg.kv
+    return None
+
+
+def slice_kv(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], row: int, start: int, stop: int) -> KV:
+    """A stored copy of columns ``[start, stop)`` of batch row ``row`` (no view into the batch)."""
+    return tuple((k[row, :, start:stop].clone(), v[row, :, start:stop].clone()) for k, v in layers)
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of keys and values one token takes in every layer of ``model``."""
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    itemsize = next(model.parameters()).element_size()
+    return 2 * cfg.num_hidden_layers * heads * head_dim * itemsize
+
+
+def tokens_for_bytes(model, budget: int) -> int:
+    return max(1, budget // max(kv_bytes_per_token(model), 1))

@@ -1,0 +1,436 @@
+r"""Hugging Face process reward models: tag-style (causal LM) and token classification.
+
+:class:`HFTagPRM` — Math-Shepherd / RLHFlow style (see :mod:`itscale.rewards.formats`).
+The model reads
+
+    chat_template([user: x], add_generation_prompt=True) + Σ_t (strip(s_t) + tag + separator)
+
+and the score of step t is read at the t-th tag token, whose next-token logits z give
+
+    s_t = softmax(z_good, z_bad)[good] = σ(z_good − z_bad).
+
+The token ids are built piece by piece — the prompt, then for each step its text, the
+tag id and the separator — so each tag is exactly one token wherever it falls.
+
+What is cached (``reuse_cache=True``): a prefix tree of KV segments (one node for the
+prompt, one per step) keyed by the exact prompt and step texts. A node holds its
+tokens' keys/values and, for a step, the step's score. A request whose steps are all
+stored costs nothing (``tokens=0``); a request that extends a stored prefix by new
+steps runs *only the new steps' tokens* on top of the stored states — so an
+unchanged prefix is never re-read nor re-scored, and ``StepScores.tokens`` counts
+exactly the tokens run for the request. Identical requests in one call are computed
+once (the copies report 0 tokens); a prompt shared by several new requests is run
+once (its tokens are counted on the first). Least-recently-used leaves are evicted
+beyond ``cache_tokens`` stored tokens (default: as many as fit in 1 GiB). With ``reuse_cache=False`` every request is one
+full forward pass over prompt and steps (the baseline).
+
+:class:`HFClassifierPRM` — Qwen2.5-Math-PRM style: a token-classification head read at
+a separator token after each step, ``s_t = softmax(logits at the t-th separator)[positive_label]``.
+It caches *scores* by step prefix: a request whose every prefix has been scored costs
+nothing; otherwise the whole sequence is run once (heads differ between
+architectures, so no KV reuse) and ``tokens`` counts all of it. Caching prefix scores
+assumes a causal backbone (the score of step t depends only on the text up to its
+separator), as in Qwen2.5-Math-PRM.
+
+Scores are clipped to [1e-12, 1 − 1e-12] so that log-odds stay finite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from ..lm.kv_cache import KVNode, KVStore, any_kv, left_padded_kv, new_root, slice_kv, tokens_for_bytes
+from ..lm.loading import (
+    ModelLoadError,
+    accepts,
+    cache_kwarg,
+    chat_prompt,
+    check_full_attention,
+    check_model_dir,
+    count_parameters,
+    encode,
+    load_model,
+    load_tokenizer,
+    single_token_id,
+)
+from ..types import Capabilities, ScoreRequest, StepScores
+from .formats import EMBEDDED_TAG_FORMAT, TagFormat
+
+__all__ = ["HFClassifierPRM", "HFTagPRM", "ModelLoadError", "PRMStats"]
+
+_EPS = 1e-12
+
+
+@dataclass
+class PRMStats:
+    """Counters since construction (or ``reset_stats``)."""
+
+    calls: int = 0
+    requests: int = 0
+    forward_passes: int = 0  # batched model calls
+    sequences: int = 0  # rows run through the model
+    tokens: int = 0  # tokens run through the model
+    scored_steps: int = 0  # step scores computed by a forward pass
+    cached_steps: int = 0  # step scores served from the cache
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _clip(p: float) -> float:
+    return min(max(p, _EPS), 1.0 - _EPS)
+
+
+class _HFScorer:
+    """Loading, threading and prompt text shared by the PRMs."""
+
+    kind = "causal_lm"
+
+    def _load(self, path_or_model, tokenizer, device, dtype):
+        if isinstance(path_or_model, (str, os.PathLike)):
+            folder = check_model_dir(path_or_model, need_tokenizer=tokenizer is None)
+            tokenizer = tokenizer if tokenizer is not None else load_tokenizer(folder)
+            model = load_model(folder, self.kind, device, dtype)
+        else:
+            if tokenizer is None:
+                raise ValueError(f"{type(self).__name__}(model_object) needs tokenizer=...")
+            model = path_or_model.to(device=device, dtype=dtype) if dtype is not None else path_or_model.to(device)
+            model.eval()
+        self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
+        self.capabilities = Capabilities(n_parameters=count_parameters(model))
+        self.stats = PRMStats()
+        self._prompts: dict[str, tuple[str, list[int]]] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any):
+        """Load a local model folder; :class:`ModelLoadError` names the folder and the cause."""
+        return cls(Path(path), **kwargs)
+
+    async def score_steps(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
+        if self.run_in_thread:
+            return await asyncio.to_thread(self.score_steps_sync, list(requests))
+        return self.score_steps_sync(requests)
+
+    def score_steps_sync(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
+        """The same as :meth:`score_steps`, blocking."""
+        with self._lock, torch.inference_mode():
+            self.stats.calls += 1
+            self.stats.requests += len(requests)
+            return self._score(list(requests))
+
+    def reset_stats(self) -> None:
+        self.stats = PRMStats()
+
+    def prompt(self, prompt: str) -> tuple[str, list[int]]:
+        """The chat prompt text and its token ids."""
+        hit = self._prompts.get(prompt)
+        if hit is None:
+            if len(self._prompts) > 4096:
+                self._prompts.clear()
+            text, special = chat_prompt(self.tokenizer, prompt, self.system_prompt)
+            hit = self._prompts[prompt] = (text, encode(self.tokenizer, text, add_special_tokens=special))
+        return hit
+
+    def step_ids(self, step: str, marker_id: int, after: list[int]) -> tuple[list[int], int]:
+        """A step's ids: its text without the delimiter, the marker, then ``after``; and the marker's index."""
+        body = encode(self.tokenizer, TagFormat.strip(step, self.delimiter))
+        return body + [marker_id] + after, len(body)
+
+
+@dataclass(eq=False)
+class _Job:
+    """Run ``segments`` on top of ``base``; each segment is (key, ids, tag index or None)."""
+
+    base: KVNode
+    segments: list[tuple[str, list[int], int | None]]
+    nodes: list[KVNode] | None = None
+
+
+class HFTagPRM(_HFScorer):
+    """A causal LM scoring each step by P(good | tag) (see the module docstring)."""
+
+    def __init__(
+        self,
+        path_or_model: Any,
+        tokenizer: Any = None,
+        *,
+        format: TagFormat = EMBEDDED_TAG_FORMAT,
+        delimiter: str = "\n",
+        max_batch: int = 32,
+        device: Any = "cpu",
+        dtype: torch.dtype | None = None,
+        cache_tokens: int | None = None,
+        reuse_cache: bool = True,
+        system_prompt: str | None = None,
+        run_in_thread: bool = True,
+    ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self._load(path_or_model, tokenizer, device, dtype)
+        check_full_attention(self.model)
+        self.format, self.delimiter = format, delimiter
+        self.max_batch, self.reuse_cache = int(max_batch), bool(reuse_cache)
+        self.system_prompt, self.run_in_thread = system_prompt, run_in_thread
+        self.tag_id = single_token_id(self.tokenizer, format.tag, "the PRM tag")
+        self.good_id = single_token_id(self.tokenizer, format.good, "the PRM good token")
+        self.bad_id = single_token_id(self.tokenizer, format.bad, "the PRM bad token")
+        self.separator_ids = encode(self.tokenizer, format.separator)
+        self.store = KVStore(cache_tokens if cache_tokens is not None else tokens_for_bytes(self.model, 1 << 30))
+        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+        self._cache_kw = cache_kwarg(self.model)
+        self._logits_to_keep = accepts(self.model, "logits_to_keep")
+
+    def clear_cache(self) -> None:
+        self.store.clear()
+
+    def input_ids(self, request: ScoreRequest) -> tuple[list[int], list[int]]:
+        """The full token ids of a request and the index of every tag (for checking by hand)."""
+        _, ids = self.prompt(request.problem.prompt)
+        ids, tags = list(ids), []
+        for step in request.steps:
+            seg, tag = self.step_ids(step, self.tag_id, self.separator_ids)
+            tags.append(len(ids) + tag)
+            ids += seg
+        return ids, tags
+
+    # -- one call -------------------------------------------------------------------
+    def _score(self, requests: list[ScoreRequest]) -> list[StepScores]:
+        unique: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+        for i, r in enumerate(requests):
+            unique.setdefault((r.problem.prompt, tuple(r.steps)), []).append(i)
+        tokens = dict.fromkeys(unique, 0)
+        if self.reuse_cache:
+            chains = self._reuse_plan(unique, tokens)
+        else:
+            chains = self._full_plan(unique, tokens)
+        out: list[StepScores | None] = [None] * len(requests)
+        for key, idx in unique.items():
+            scores = tuple(_clip(n.value) for n in chains[key][1:])  # [0] is the prompt node
+            out[idx[0]] = StepScores(scores, tokens[key])
+            for i in idx[1:]:
+                out[i] = StepScores(scores, 0)
+        if self.reuse_cache:
+            self.store.trim()
+        return out  # type: ignore[return-value]
+
+    def _full_plan(self, unique, tokens) -> dict:
+        scratch, jobs = new_root(), {}
+        for key in unique:
+            prompt, steps = key
+            jobs[key] = _Job(scratch, [(self.prompt(prompt)[0], self.prompt(prompt)[1], None)] + self._segments(steps))
+        self._run(list(jobs.values()))
+        for key, job in jobs.items():
+            tokens[key] = sum(len(ids) for _, ids, _ in job.segments)
+        return {key: job.nodes for key, job in jobs.items()}
+
+    def _reuse_plan(self, unique, tokens) -> dict:
+        # 1. prompts that are not stored yet: run each once, counted on its first request
+        missing: dict[str, tuple[str, ...]] = {}
+        for key in unique:
+            text = self.prompt(key[0])[0]
+            if text not in self.store.root.children and text not in missing:
+                missing[text] = key
+        jobs = [_Job(self.store.root, [(text, self.prompt(key[0])[1], None)]) for text, key in missing.items()]
+        self._run(jobs)
+        for job, key in zip(jobs, missing.values()):
+            tokens[key] += len(job.segments[0][1])
+        # 2. each request's steps beyond its longest stored prefix
+        chains, jobs = {}, {}
+        for key in unique:
+            prompt, steps = key
+            text, ids = self.prompt(prompt)
+            path = self.store.match_keys([text, *steps])
+            chains[key] = path
+            if not path:  # (only if the prompt node was just evicted: run everything)
+                jobs[key] = _Job(self.store.root, [(text, ids, None)] + self._segments(steps))
+                continue
+            self.stats.cached_steps += len(path) - 1
+            if len(path) == len(steps) + 1:
+                self.store.touch(path[-1])
+            else:
+                jobs[key] = _Job(path[-1], self._segments(steps[len(path) - 1:]))
+        self._run(list(jobs.values()))
+        for key, job in jobs.items():
+            chains[key] = chains[key] + job.nodes
+            tokens[key] += sum(len(ids) for _, ids, _ in job.segments)
+        return chains
+
+    def _segments(self, steps: Sequence[str]) -> list[tuple[str, list[int], int]]:
+        return [(step, *self.step_ids(step, self.tag_id, self.separator_ids)) for step in steps]
+
+    # -- forward passes ---------------------------------------------------------------
+    def _run(self, jobs: list[_Job]) -> None:
+        jobs = sorted(jobs, key=lambda j: j.base.length + sum(len(s[1]) for s in j.segments))
+        for start in range(0, len(jobs), self.max_batch):
+            self._forward(jobs[start:start + self.max_batch])
+
+    def _forward(self, jobs: list[_Job]) -> None:
+        """One batched pass: past states of each job's base (left-padded), then its new tokens."""
+        bases = [j.base for j in jobs]
+        new = [[t for _, ids, _ in j.segments for t in ids] for j in jobs]
+        B, N = len(jobs), max(len(ids) for ids in new)
+        template = any_kv(bases)
+        keys, values, C = left_padded_kv(bases, len(template), template) if template else ([], [], 0)
+        cache = DynamicCache(ddp_cache_data=list(zip(keys, values))) if C else DynamicCache()
+        input_ids = torch.full((B, N), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, C + N), dtype=torch.long)
+        positions = torch.zeros((B, N), dtype=torch.long)
+        tag_cols: list[list[int | None]] = []
+        for b, (job, ids) in enumerate(zip(jobs, new)):
+            n, L = len(ids), job.base.length
+            input_ids[b, N - n:] = torch.tensor(ids, dtype=torch.long)
+            mask[b, C - L:C] = 1
+            mask[b, C + N - n:] = 1
+            positions[b, N - n:] = torch.arange(L, L + n)
+            cols, offset = [], N - n
+            for _, seg, tag in job.segments:
+                cols.append(None if tag is None else offset + tag)
+                offset += len(seg)
+            tag_cols.append(cols)
+        wanted = sorted({c for cols in tag_cols for c in cols if c is not None})
+        kwargs = {self._cache_kw: cache, "use_cache": True}
+        if self._logits_to_keep and wanted:
+            kwargs["logits_to_keep"] = torch.tensor(wanted, device=self.device)
+            column = {c: i for i, c in enumerate(wanted)}
+        else:
+            column = {c: c for c in range(N)}
+        out = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=positions.to(self.device), **kwargs)
+        logits = out.logits
+        self.stats.forward_passes += 1
+        self.stats.sequences += B
+        self.stats.tokens += sum(len(ids) for ids in new)
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        for b, job in enumerate(jobs):
+            parent, offset, nodes = job.base, N - len(new[b]), []
+            for (key, ids, _), col in zip(job.segments, tag_cols[b]):
+                score = None
+                if col is not None:
+                    pair = logits[b, column[col], [self.good_id, self.bad_id]].to(torch.float64)
+                    score = float(torch.sigmoid(pair[0] - pair[1]))
+                    self.stats.scored_steps += 1
+                node = KVNode(key, parent, torch.tensor(ids, dtype=torch.long),
+                              slice_kv(layers, b, C + offset, C + offset + len(ids)), value=score)
+                if self.reuse_cache:
+                    node = self.store.insert(node)
+                nodes.append(node)
+                parent, offset = node, offset + len(ids)
+            job.nodes = nodes
+
+
+class HFClassifierPRM(_HFScorer):
+    """A token-classification PRM read at a separator token after each step (Qwen2.5-Math-PRM style).
+
+    Input: the chat prompt, then each step's text (without its delimiter) followed by
+    ``separator_token``; ``s_t = softmax(logits[t-th separator])[positive_label]``.
+    See the module docstring for what is cached.
+    """
+
+    kind = "token_classification"
+
+    def __init__(
+        self,
+        path_or_model: Any,
+        tokenizer: Any = None,
+        *,
+        separator_token: str = "<extra_0>",
+        positive_label: int = 1,
+        delimiter: str = "\n",
+        max_batch: int = 16,
+        device: Any = "cpu",
+        dtype: torch.dtype | None = None,
+        cache_size: int = 1 << 17,
+        system_prompt: str | None = None,
+        run_in_thread: bool = True,
+    ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self._load(path_or_model, tokenizer, device, dtype)
+        labels = getattr(self.model.config, "num_labels", None)
+        if labels is not None and not 0 <= positive_label < labels:
+            raise ValueError(f"positive_label {positive_label} is not one of the model's {labels} labels")
+        self.separator_id = single_token_id(self.tokenizer, separator_token, "the separator token")
+        self.positive_label, self.delimiter = int(positive_label), delimiter
+        self.max_batch, self.cache_size = int(max_batch), int(cache_size)
+        self.system_prompt, self.run_in_thread = system_prompt, run_in_thread
+        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+        self._scores: OrderedDict[tuple[str, tuple[str, ...]], float] = OrderedDict()
+
+    def clear_cache(self) -> None:
+        self._scores.clear()
+
+    def input_ids(self, request: ScoreRequest) -> tuple[list[int], list[int]]:
+        """The full token ids of a request and the index of every separator."""
+        ids, seps = list(self.prompt(request.problem.prompt)[1]), []
+        for step in request.steps:
+            seg, sep = self.step_ids(step, self.separator_id, [])
+            seps.append(len(ids) + sep)
+            ids += seg
+        return ids, seps
+
+    def _cached(self, prompt: str, steps: tuple[str, ...]) -> tuple[float, ...] | None:
+        out = []
+        for t in range(1, len(steps) + 1):
+            score = self._scores.get((prompt, steps[:t]))
+            if score is None:
+                return None
+            self._scores.move_to_end((prompt, steps[:t]))
+            out.append(score)
+        return tuple(out)
+
+    def _score(self, requests: list[ScoreRequest]) -> list[StepScores]:
+        out: list[StepScores | None] = [None] * len(requests)
+        todo: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+        for i, r in enumerate(requests):
+            key = (r.problem.prompt, tuple(r.steps))
+            hit = self._cached(*key)
+            if hit is not None:
+                self.stats.cached_steps += len(hit)
+                out[i] = StepScores(tuple(_clip(s) for s in hit), 0)
+            else:
+                todo.setdefault(key, []).append(i)
+        keys = sorted(todo, key=lambda k: len(k[0]) + sum(map(len, k[1])))  # similar lengths share a batch
+        for start in range(0, len(keys), self.max_batch):
+            chunk = keys[start:start + self.max_batch]
+            results = self._forward([ScoreRequest(requests[todo[k][0]].problem, k[1]) for k in chunk])
+            for key, (scores, n_tokens) in zip(chunk, results):
+                for t, s in enumerate(scores):
+                    self._scores[(key[0], key[1][: t + 1])] = s
+                    self._scores.move_to_end((key[0], key[1][: t + 1]))
+                first, *rest = todo[key]
+                out[first] = StepScores(tuple(_clip(s) for s in scores), n_tokens)
+                for i in rest:
+                    out[i] = StepScores(tuple(_clip(s) for s in scores), 0)
+        while len(self._scores) > self.cache_size:
+            self._scores.popitem(last=False)
+        return out  # type: ignore[return-value]
+
+    def _forward(self, requests: list[ScoreRequest]) -> list[tuple[list[float], int]]:
+        """One right-padded batch; the positive-label probability at every separator."""
+        encoded = [self.input_ids(r) for r in requests]
+        B, L = len(encoded), max(len(ids) for ids, _ in encoded)
+        input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, L), dtype=torch.long)
+        for b, (ids, _) in enumerate(encoded):
+            input_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[b, : len(ids)] = 1
+        logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        probs = torch.softmax(logits.to(torch.float64), dim=-1)[..., self.positive_label]
+        self.stats.forward_passes += 1
+        self.stats.sequences += B
+        self.stats.tokens += sum(len(ids) for ids, _ in encoded)
+        out = []
+        for b, (ids, seps) in enumerate(encoded):
+            self.stats.scored_steps += len(seps)
+            out.append((probs[b, seps].tolist(), len(ids)))
+        return out
