@@ -1,0 +1,150 @@
+"""The ``itscale`` command line (design 2): ``itscale demo | bench | serve | solve | zoo ...``.
+
+Each command group registers itself with one ``add_*_parser`` function and runs
+through the ``func`` it sets, so new groups (demo, bench, serve, solve) plug in
+without touching the others. Heavy imports (torch, transformers) happen inside
+the command functions only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+
+# --------------------------------------------------------------------------- zoo
+
+
+def _zoo_train_policy(ns: argparse.Namespace) -> int:
+    from . import zoo
+    from .zoo.training import PolicyArgs, train_policy
+
+    args = PolicyArgs(seed=ns.seed, steps=ns.steps, batch_size=ns.batch_size, lr=ns.lr,
+                      warmup_steps=ns.warmup_steps, min_ops=ns.min_ops, max_ops=ns.max_ops,
+                      bf16_autocast=not ns.fp32, threads=ns.threads, checkpoint_every=ns.checkpoint_every)
+    if ns.hidden_size:
+        args.arch.hidden_size = ns.hidden_size
+    if ns.layers:
+        args.arch.num_hidden_layers = ns.layers
+    out = Path(ns.out) if ns.out else zoo.policy_path()
+    train_policy(out, args, checkpoint_dir=Path(ns.checkpoint_dir) if ns.checkpoint_dir else None)
+    return 0
+
+
+def _zoo_train_prm(ns: argparse.Namespace) -> int:
+    from . import zoo
+    from .zoo.training import PRMArgs, train_prm
+
+    args = PRMArgs(seed=ns.seed, n_problems=ns.problems, samples_per_problem=ns.samples,
+                   temperature=ns.temperature, steps=ns.steps, batch_size=ns.batch_size, lr=ns.lr,
+                   balance=not ns.no_balance, init_from_policy=not ns.from_scratch, bf16_autocast=not ns.fp32,
+                   threads=ns.threads)
+    policy = Path(ns.policy) if ns.policy else zoo.policy_path()
+    out = Path(ns.out) if ns.out else zoo.prm_path()
+    train_prm(policy, out, args)
+    return 0
+
+
+def _zoo_evaluate(ns: argparse.Namespace) -> int:
+    from . import zoo
+    from .zoo.evaluation import evaluate
+
+    policy = Path(ns.policy) if ns.policy else zoo.policy_path()
+    prm = None if ns.no_prm else (Path(ns.prm) if ns.prm else zoo.prm_path())
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if ns.verbose else (lambda m: None)
+    rep = evaluate(policy, prm, levels=ns.levels, n_greedy=ns.greedy_problems,
+                   coverage_levels=ns.coverage_levels, coverage_problems=ns.coverage_problems, n=ns.n, k=ns.k,
+                   temperature=ns.temperature, prm_levels=ns.prm_levels, prm_problems=ns.prm_problems,
+                   prm_samples=ns.prm_samples, seed=ns.seed, batch_size=ns.batch_size, threads=ns.threads, log=log)
+    print("\n".join(rep.lines()))
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(rep.as_dict(), indent=2) + "\n")
+    return 0
+
+
+def add_zoo_parser(sub: argparse._SubParsersAction) -> None:
+    from .tasks.arithmetic import LEVELS
+    from .zoo import DEFAULT_LEVEL
+
+    zoo = sub.add_parser("zoo", help="train and evaluate the embedded model pair")
+    zsub = zoo.add_subparsers(dest="zoo_command", required=True, metavar="{train-policy,train-prm,evaluate}")
+
+    p = zsub.add_parser("train-policy", help="train the embedded policy (2 CPU cores: ~17 min)")
+    p.add_argument("--out", help="output folder (default: the shipped policy folder)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--steps", type=int, default=750)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=60)
+    p.add_argument("--min-ops", type=int, default=2)
+    p.add_argument("--max-ops", type=int, default=6)
+    p.add_argument("--hidden-size", type=int, default=0, help="override the architecture's hidden size")
+    p.add_argument("--layers", type=int, default=0, help="override the number of layers")
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--checkpoint-dir", help="also save checkpoints here")
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.set_defaults(func=_zoo_train_policy)
+
+    p = zsub.add_parser("train-prm", help="sample the policy and train the embedded PRM (CPU, ~25 min)")
+    p.add_argument("--policy", help="policy folder to sample (default: the shipped policy)")
+    p.add_argument("--out", help="output folder (default: the shipped PRM folder)")
+    p.add_argument("--seed", type=int, default=4321)
+    p.add_argument("--problems", type=int, default=2000)
+    p.add_argument("--samples", type=int, default=8, help="sampled solutions per problem")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--no-balance", action="store_true", help="do not reweight the two classes")
+    p.add_argument("--from-scratch", action="store_true", help="do not start from the policy's weights")
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=_zoo_train_prm)
+
+    p = zsub.add_parser("evaluate", help="print the model-card numbers")
+    p.add_argument("--policy", help="policy folder (default: shipped)")
+    p.add_argument("--prm", help="PRM folder (default: shipped)")
+    p.add_argument("--no-prm", action="store_true")
+    p.add_argument("--levels", nargs="+", default=list(LEVELS), choices=list(LEVELS))
+    p.add_argument("--greedy-problems", type=int, default=500)
+    p.add_argument("--coverage-levels", nargs="*", default=[DEFAULT_LEVEL], choices=list(LEVELS))
+    p.add_argument("--coverage-problems", type=int, default=200)
+    p.add_argument("-n", type=int, default=64, help="samples per problem for pass@k")
+    p.add_argument("-k", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--prm-levels", nargs="*", default=[DEFAULT_LEVEL], choices=list(LEVELS))
+    p.add_argument("--prm-problems", type=int, default=200)
+    p.add_argument("--prm-samples", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", help="also write the numbers to this JSON file")
+    p.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
+    p.set_defaults(func=_zoo_evaluate)
+
+
+# --------------------------------------------------------------------------- entry point
+
+#: One function per command group; later groups (demo, bench, serve, solve) append theirs.
+PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [add_zoo_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="itscale", description="Inference-time scaling for LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in PARSERS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    return int(ns.func(ns) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
