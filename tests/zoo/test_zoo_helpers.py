@@ -1,0 +1,60 @@
+"""Helpers of the zoo that need no model: paths, metrics, the CLI wiring."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from itscale import zoo
+from itscale.cli import build_parser
+from itscale.rewards.formats import EMBEDDED_TAG_FORMAT
+from itscale.zoo.evaluation import auroc, pass_at_k
+
+
+def test_paths_point_into_the_package():
+    assert zoo.policy_path().is_dir() and (zoo.policy_path() / "config.json").is_file()
+    for path in (zoo.policy_path(), zoo.prm_path()):  # the PRM folder ships once trained (issue 4)
+        assert path.parent.parent == zoo.model_card_path().parent
+    assert zoo.model_card_path().is_file()
+    assert (zoo.PRM_TAG, zoo.PRM_GOOD, zoo.PRM_BAD) == (EMBEDDED_TAG_FORMAT.tag, EMBEDDED_TAG_FORMAT.good,
+                                                        EMBEDDED_TAG_FORMAT.bad) == ("§", "+", "-")
+
+
+def test_importing_the_zoo_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, itscale.zoo; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("n, c, k", [(10, 0, 1), (10, 3, 1), (10, 3, 5), (64, 1, 64), (64, 0, 64), (20, 5, 8)])
+def test_pass_at_k_is_the_unbiased_estimator(n, c, k):
+    # exact: probability that a random k-subset of the n samples holds a correct one
+    expected = 1 - math.comb(n - c, k) / math.comb(n, k)
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError):
+        pass_at_k(3, 1, 4)
+
+
+def test_auroc_matches_pairwise_counting():
+    rng = np.random.default_rng(0)
+    labels = rng.random(60) < 0.4
+    scores = np.round(rng.random(60) + labels * 0.3, 1)  # ties included
+    pairs = [(i, j) for i in np.flatnonzero(labels) for j in np.flatnonzero(~labels)]
+    expected = np.mean([1.0 if scores[i] > scores[j] else 0.5 if scores[i] == scores[j] else 0.0 for i, j in pairs])
+    assert auroc(labels, scores) == pytest.approx(expected)
+    assert auroc([True, False], [0.9, 0.1]) == 1.0
+    assert math.isnan(auroc([True, True], [0.1, 0.2]))
+
+
+def test_cli_wires_the_zoo_commands():
+    parser = build_parser()
+    ns = parser.parse_args(["zoo", "evaluate", "--levels", "easy", "--no-prm"])
+    assert ns.func.__name__ == "_zoo_evaluate" and ns.levels == ["easy"] and ns.no_prm
+    assert parser.parse_args(["zoo", "train-policy", "--steps", "3"]).steps == 3
+    assert parser.parse_args(["zoo", "train-prm"]).func.__name__ == "_zoo_train_prm"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["zoo"])
