@@ -44,7 +44,8 @@ def _zoo_train_prm(ns: argparse.Namespace) -> int:
                    threads=ns.threads)
     policy = Path(ns.policy) if ns.policy else zoo.policy_path()
     out = Path(ns.out) if ns.out else zoo.prm_path()
-    train_prm(policy, out, args)
+    train_prm(policy, out, args, init_dir=Path(ns.init) if ns.init else None,
+              data_cache=Path(ns.data_cache) if ns.data_cache else None)
     return 0
 
 
@@ -101,6 +102,8 @@ def add_zoo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--no-balance", action="store_true", help="do not reweight the two classes")
     p.add_argument("--from-scratch", action="store_true", help="do not start from the policy's weights")
+    p.add_argument("--init", help="start from this checkpoint's weights instead of the sampled policy's")
+    p.add_argument("--data-cache", help="JSONL of labelled samples: read if present, else written after sampling")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=_zoo_train_prm)

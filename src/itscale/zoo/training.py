@@ -216,6 +216,15 @@ def _sha256(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
+def _summary(path: Path) -> dict | None:
+    """Another run's training_args.json without its loss history."""
+    if not path.is_file():
+        return None
+    d = json.loads(path.read_text())
+    d.pop("history", None)
+    return d
+
+
 def _log(fh, msg: str) -> None:
     print(msg, file=fh, flush=True)
 
@@ -361,7 +370,23 @@ def collect_prm_data(policy, tokenizer, problems: Sequence[Problem], args: PRMAr
     return data
 
 
-def train_prm(policy_dir: Path, out: Path, args: PRMArgs, log_file=None) -> dict:
+def _save_data(path: Path, data) -> None:
+    Path(path).write_text("".join(json.dumps({"id": p.id, "prompt": p.prompt, "answer": p.answer, "steps": list(s),
+                                              "labels": list(ls)}) + "\n" for p, s, ls in data))
+
+
+def _load_data(path: Path) -> list[tuple]:
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [(Problem(r["id"], r["prompt"], r["answer"]), r["steps"], r["labels"]) for r in rows]
+
+
+def train_prm(policy_dir: Path, out: Path, args: PRMArgs, log_file=None, init_dir: Path | None = None,
+              data_cache: Path | None = None) -> dict:
+    """Sample ``policy_dir``, then train the PRM starting from ``init_dir`` (default: the policy itself).
+
+    ``data_cache``: a JSONL file of labelled samples; read when it exists, else written after
+    sampling (for iterating on the PRM objective without re-sampling).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .evaluation import auroc
@@ -377,7 +402,13 @@ def train_prm(policy_dir: Path, out: Path, args: PRMArgs, log_file=None) -> dict
                             eval_prompts(), excluded)
     problems = [next(stream) for _ in range(args.n_problems)]
     t_sample = time.time()
-    data = collect_prm_data(policy, tokenizer, problems, args, log)
+    if data_cache is not None and Path(data_cache).is_file():
+        data = _load_data(data_cache)
+        log(f"read {len(data)} labelled samples from {data_cache}")
+    else:
+        data = collect_prm_data(policy, tokenizer, problems, args, log)
+        if data_cache is not None:
+            _save_data(data_cache, data)
     sample_s = time.time() - t_sample
     rng = random.Random(args.seed)
     prompts = sorted({p.prompt for p, _, _ in data})
@@ -392,7 +423,10 @@ def train_prm(policy_dir: Path, out: Path, args: PRMArgs, log_file=None) -> dict
     w_good, w_bad = ((len(labels) / (2 * n_pos), len(labels) / (2 * n_neg)) if args.balance and n_pos and n_neg
                      else (1.0, 1.0))
 
-    if args.init_from_policy:
+    if init_dir is not None:
+        model = AutoModelForCausalLM.from_pretrained(init_dir, dtype=torch.float32)
+        assert AutoTokenizer.from_pretrained(init_dir).get_vocab() == tokenizer.get_vocab()
+    elif args.init_from_policy:
         model = policy
     else:
         model = build_model(tokenizer, Architecture(), args.seed)
@@ -437,6 +471,10 @@ def train_prm(policy_dir: Path, out: Path, args: PRMArgs, log_file=None) -> dict
     result = {
         "model": "prm", "architecture": "LlamaForCausalLM", "n_parameters": n_parameters(model),
         "args": asdict(args), "policy": _describe_path(policy_dir),
+        "init": "the policy's weights" if init_dir is None and args.init_from_policy else
+                (str(init_dir) if init_dir is not None else "random"),
+        "init_sha256": _sha256(Path(init_dir) / "model.safetensors") if init_dir is not None else None,
+        "init_training_args": _summary(Path(init_dir) / "training_args.json") if init_dir is not None else None,
         "policy_sha256": _sha256(Path(policy_dir) / "model.safetensors"),
         "format": {"tag": EMBEDDED_TAG_FORMAT.tag, "good": EMBEDDED_TAG_FORMAT.good, "bad": EMBEDDED_TAG_FORMAT.bad,
                    "separator": EMBEDDED_TAG_FORMAT.separator,
