@@ -98,6 +98,7 @@ class PRMArgs:
     bf16_autocast: bool = True
     threads: int = 2
     log_every: int = 25
+    checkpoint_every: int = 250  # here: how often to log the validation AUROC
 
 
 def eval_prompts() -> set[str]:
@@ -463,7 +464,14 @@ def train_prm(policy_dir: Path, out: Path, args: PRMArgs, log_file=None, init_di
     before = val_auroc() if val else float("nan")
     log(f"val AUROC before training: {before:.4f}")
     t_train = time.time()
-    history = train_loop(model, args, next_batch, log, loss_fn=weighted_loss)
+    val_history = []
+
+    def log_val(step):
+        if val:
+            val_history.append({"step": step, "val_auroc": val_auroc()})
+            log(json.dumps(val_history[-1]))
+
+    history = train_loop(model, args, next_batch, log, checkpoint=log_val, loss_fn=weighted_loss)
     train_s = time.time() - t_train
     after = val_auroc() if val else float("nan")
     log(f"val AUROC after training: {after:.4f}")
@@ -489,7 +497,7 @@ def train_prm(policy_dir: Path, out: Path, args: PRMArgs, log_file=None, init_di
                  "class_weights": {"good": w_good, "bad": w_bad}},
         "val_auroc_before": before, "val_auroc_after": after,
         "sampling_wall_time_s": round(sample_s, 1), "training_wall_time_s": round(train_s, 1),
-        "wall_time_s": round(time.time() - start, 1), "environment": environment(), "history": history,
+        "wall_time_s": round(time.time() - start, 1), "environment": environment(), "history": history, "val_history": val_history,
     }
     save_folder(model, tokenizer, out, result)
     log(f"saved PRM to {out} after {result['wall_time_s']} s")
