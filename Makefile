@@ -11,7 +11,7 @@ PYTEST_ARGS ?= -n auto
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[test,hf]"
+	$(PY) -m pip install -e ".[test,hf,bench]"
 	touch $@
 
 test: $(STAMP)

@@ -10,7 +10,7 @@ import pytest
 from itscale import zoo
 from itscale.cli import build_parser
 from itscale.rewards.formats import EMBEDDED_TAG_FORMAT
-from itscale.zoo.evaluation import auroc, pass_at_k
+from itscale.stats import auroc, pass_at_k
 
 
 def test_paths_point_into_the_package():

@@ -8,10 +8,11 @@ Select a method by name with validated parameters::
 """
 
 from . import beam_search, best_of_n, greedy, parallel_tempering, particle_filtering, particle_gibbs, self_consistency
-from .base import STRATEGIES, Strategy, make_strategy
+from .base import STRATEGIES, PooledStrategy, Strategy, make_strategy
 from .context import RunContext, StepFormat
-from .runner import problem_seed, run_many
+from .runner import map_batched, problem_seed, run_many
 
-__all__ = ["STRATEGIES", "RunContext", "StepFormat", "Strategy", "make_strategy", "problem_seed", "run_many"]
+__all__ = ["STRATEGIES", "PooledStrategy", "RunContext", "StepFormat", "Strategy", "make_strategy", "map_batched",
+           "problem_seed", "run_many"]
 
 del beam_search, best_of_n, greedy, parallel_tempering, particle_filtering, particle_gibbs, self_consistency

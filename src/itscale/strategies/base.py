@@ -148,6 +148,36 @@ class Strategy(ABC):
         return Result(ctx.problem, self.name, budget, best.answer, best.text, tuple(cands), ctx.cost, **fields)
 
 
+class PooledStrategy(Strategy):
+    """A method whose answer is a function of N i.i.d. whole samples (and their scores).
+
+    ``run`` draws the pool and calls :meth:`select`; the bench instead draws one pool of
+    the largest budget N and evaluates every budget b ≤ N on random size-b subsets of it,
+    as is standard for the best-of-N family (design 8)."""
+
+    scored: ClassVar[bool] = False  # whether select() reads PRM/outcome scores
+
+    async def _run(self, ctx: RunContext, budget: int) -> Result:
+        particles, scores = await self.sample_pool(ctx, budget)
+        return self.select(ctx, budget, particles, scores)
+
+    async def sample_pool(self, ctx: RunContext, n: int) -> tuple[list[Particle | None], np.ndarray | None]:
+        """n whole samples, and their scores (NaN where a sample or its scoring failed)."""
+        particles = await ctx.sample_full(n)
+        if not self.scored:
+            return particles, None
+        scores = np.full(len(particles), np.nan)
+        alive = [i for i, p in enumerate(particles) if p is not None]
+        if alive:
+            scores[alive] = await ctx.outcome_scores([particles[i] for i in alive])
+        return particles, scores
+
+    @abstractmethod
+    def select(self, ctx: RunContext, budget: int, particles: Sequence[Particle | None],
+               scores: np.ndarray | None) -> Result:
+        """The result for this pool of samples."""
+
+
 def candidates(particles, weights, scores=None) -> list[Candidate]:
     """Candidates with weights normalised over the particles that exist and weigh > 0."""
     w = np.array([wi if p is not None and np.isfinite(wi) and wi > 0 else 0.0 for p, wi in zip(particles, weights)])

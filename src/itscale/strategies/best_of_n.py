@@ -9,11 +9,10 @@ the whole solution aggregated across steps (``aggregation``).
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from ..types import Result
-from .base import Aggregation, Params, Strategy, register
+from .base import Aggregation, Params, PooledStrategy, register
 from .context import RunContext
 
 
@@ -21,18 +20,13 @@ class BestOfNParams(Params):
     aggregation: Aggregation = "last"
 
 
-class _Scored(Strategy):
+class _Scored(PooledStrategy):
     Params = BestOfNParams
     needs_prm = True
+    scored = True
     selection = "argmax"
 
-    async def _run(self, ctx: RunContext, budget: int) -> Result:
-        particles = await ctx.sample_full(budget)
-        alive = [p for p in particles if p is not None]
-        scores = np.full(len(particles), np.nan)
-        if alive:
-            values = await ctx.outcome_scores(alive)
-            scores[[i for i, p in enumerate(particles) if p is not None]] = values
+    def select(self, ctx: RunContext, budget: int, particles, scores) -> Result:
         weights = np.where(np.isfinite(scores) & (scores > 0), scores, 0.0)
         return self.result(ctx, budget, particles, weights, selection=self.selection, scores=scores)
 

@@ -21,7 +21,7 @@ from collections import Counter
 from pydantic import Field
 
 from ..types import Result
-from .base import Params, Strategy, candidates, register
+from .base import Params, PooledStrategy, Strategy, candidates, register
 from .context import RunContext
 
 
@@ -32,11 +32,10 @@ def majority_confidence(top: int, second: int) -> float:
 
 
 @register
-class SelfConsistency(Strategy):
+class SelfConsistency(PooledStrategy):
     name = "self_consistency"
 
-    async def _run(self, ctx: RunContext, budget: int) -> Result:
-        particles = await ctx.sample_full(budget)
+    def select(self, ctx: RunContext, budget: int, particles, scores) -> Result:
         return self.result(ctx, budget, particles, [1.0] * len(particles), selection="vote")
 
 

@@ -390,7 +390,7 @@ def train_prm(policy_dir: Path, out: Path, args: PRMArgs, log_file=None, init_di
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .evaluation import auroc
+    from ..stats import auroc
     from .sampling import prm_scores
 
     log = (lambda m: _log(log_file or sys.stdout, m))
