@@ -132,10 +132,126 @@ def add_zoo_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_zoo_evaluate)
 
 
+# --------------------------------------------------------------------------- bench and demo
+
+BENCH_HELP = """\
+Sweep methods x budgets x seeds over a problem set and report accuracy versus compute.
+
+The config file (YAML or TOML) names the problem set, the models, the methods and the
+budgets; every setting has a default except `methods`. A minimal config:
+
+    methods:
+      - name: self_consistency
+      - name: best_of_n
+      - name: particle_filtering
+    budgets: [1, 2, 4, 8, 16]
+
+All settings (defaults in brackets):
+
+    problems:  source [arithmetic:medium] (or a .jsonl/.parquet file with problem, answer, id, level),
+               template [boxed for files] (plain | boxed | steps | a string with {problem}),
+               limit, on_bad_row [fail] (fail | skip)
+    policy:    model [embedded] (or a Hugging Face folder), temperature [0.8], top_p [1.0],
+               max_step_tokens [48], threads, max_batch [256]
+    prm:       model [embedded] (or a folder, or none), kind [tag] (tag | classifier), max_batch [128]
+    format:    arithmetic | math | {delimiter, answer_markers, max_steps}   [arithmetic]
+    methods:   a list of {name, label, params, budgets}; `itscale bench --methods` lists them
+    budgets [1,2,4,8,16], seeds [0], concurrency [128], subsets [64], output [itscale-bench]
+
+Results go to a SQLite store in the output folder; rerunning the same command skips
+finished work (a killed run resumes), then writes records/metrics CSV and JSONL, two
+PNG plots and report.html. Command-line options override the file.
+"""
+
+
+def _bench_overrides(ns: argparse.Namespace) -> dict:
+    over: dict = {}
+    if ns.output:
+        over["output"] = ns.output
+    if ns.limit:
+        over.setdefault("problems", {})["limit"] = ns.limit
+    if ns.problems:
+        over.setdefault("problems", {})["source"] = ns.problems
+    if ns.budgets:
+        over["budgets"] = ns.budgets
+    if ns.seeds:
+        over["seeds"] = ns.seeds
+    if ns.concurrency:
+        over["concurrency"] = ns.concurrency
+    if ns.policy:
+        over.setdefault("policy", {})["model"] = ns.policy
+    if ns.prm:
+        over.setdefault("prm", {})["model"] = ns.prm
+    return over
+
+
+def _bench(ns: argparse.Namespace) -> int:
+    from .strategies import STRATEGIES
+
+    if ns.methods:
+        for name, cls in sorted(STRATEGIES.items()):
+            fields = ", ".join(f"{k}={v.default!r}" for k, v in cls.Params.model_fields.items())
+            print(f"{name:28s} {fields or '(no parameters)'}")
+        return 0
+    if not ns.config:
+        print("itscale bench: give a config file (see `itscale bench --help`)", file=sys.stderr)
+        return 2
+    from .bench.config import ConfigError, load_config
+
+    try:
+        config = load_config(ns.config, _bench_overrides(ns))
+    except ConfigError as err:
+        print(f"itscale bench: invalid configuration\n{err}", file=sys.stderr)
+        return 2
+    return _run_bench(config, "itscale bench")
+
+
+def _run_bench(config, title: str) -> int:
+    from .bench.problems import ProblemSetError
+    from .bench.run import run_bench
+
+    try:
+        run_bench(config, title=title)
+    except (ProblemSetError, ValueError, FileNotFoundError) as err:
+        print(f"itscale: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _demo(ns: argparse.Namespace) -> int:
+    from .bench.demo import demo_config
+
+    return _run_bench(demo_config(output=ns.output, problems=ns.problems), "itscale demo")
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="sweep methods x budgets over a problem set; plots and an HTML report",
+                       description=BENCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="YAML or TOML config file")
+    p.add_argument("--methods", action="store_true", help="list the methods and their parameters, then exit")
+    p.add_argument("--output", help="output folder (overrides `output`)")
+    p.add_argument("--problems", help="problem set (overrides `problems.source`)")
+    p.add_argument("--limit", type=int, help="use the first N problems")
+    p.add_argument("--budgets", type=int, nargs="+", help="overrides `budgets`")
+    p.add_argument("--seeds", type=int, nargs="+", help="overrides `seeds`")
+    p.add_argument("--concurrency", type=int, help="problems in flight at once")
+    p.add_argument("--policy", help="policy model folder (overrides `policy.model`)")
+    p.add_argument("--prm", help="PRM folder or 'none' (overrides `prm.model`)")
+    p.set_defaults(func=_bench)
+
+    p = sub.add_parser("demo", help="the embedded demo: 7 methods x budgets 1-16 on 100 held-out problems",
+                       description="Greedy, majority vote, best-of-N, weighted best-of-N, beam search, DVTS and "
+                                   "particle filtering on held-out arithmetic problems with the embedded policy "
+                                   "and PRM; prints the table and writes plots and an HTML report.")
+    p.add_argument("--output", default="itscale-demo", help="output folder [itscale-demo]")
+    p.add_argument("--problems", type=int, default=100, help="held-out problems [100]")
+    p.set_defaults(func=_demo)
+
+
 # --------------------------------------------------------------------------- entry point
 
 #: One function per command group; later groups (demo, bench, serve, solve) append theirs.
-PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [add_zoo_parser]
+PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [add_zoo_parser, add_bench_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

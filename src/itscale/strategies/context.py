@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -92,10 +92,15 @@ class RunContext:
         return Proposed(new, finished)
 
     async def sample_full(self, n: int, temperature: float | None = None) -> list[Particle | None]:
-        """n whole solutions from one request (``stop=()``), split into steps."""
+        """n whole solutions from one request (``stop=()``), split into steps.
+
+        A whole solution may be as long as a step-level method could make it:
+        ``max_step_tokens × format.max_steps`` tokens."""
         if n == 0:
             return []
-        request = StepRequest(self.problem, (), n, self._params(temperature), ())
+        params = self._params(temperature)
+        params = replace(params, max_step_tokens=params.max_step_tokens * self.format.max_steps)
+        request = StepRequest(self.problem, (), n, params, ())
         (outputs,) = await self._generate([request])
         return [None if s.failed else self.particle_from_text(s) for s in outputs]
 

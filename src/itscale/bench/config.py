@@ -1,0 +1,275 @@
+"""The bench configuration: one YAML or TOML file, validated with errors that name the field.
+
+Example (YAML)::
+
+    problems:
+      source: arithmetic:medium      # or a .jsonl / .parquet file with problem, answer[, id, level]
+      limit: 100
+    policy:
+      model: embedded                # or a local Hugging Face folder
+      temperature: 0.8
+    prm:
+      model: embedded                # or a folder, or "none"
+    format: arithmetic               # step format: arithmetic | math | {delimiter, answer_markers, max_steps}
+    methods:
+      - name: particle_filtering
+      - name: beam_search
+        params: {beam_width: 2}
+        budgets: [2, 4, 8, 16]       # overrides the sweep's budgets for this method
+    budgets: [1, 2, 4, 8, 16]
+    seeds: [0]
+    output: runs/medium
+
+Each method is checked against the strategy registry when the file is loaded: unknown
+method names, unknown or invalid parameters, and budgets a method cannot run (a beam
+width that does not divide the budget) are reported before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..strategies import STRATEGIES, PooledStrategy, make_strategy
+from ..tasks import arithmetic
+from ..types import SamplingParams, StepFormat
+
+FORMATS: dict[str, StepFormat] = {
+    "arithmetic": arithmetic.STEP_FORMAT,
+    "math": StepFormat(delimiter="\n\n", answer_markers=("\\boxed{",), max_steps=32),
+}
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message names the field and what to do."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProblemsConfig(_Strict):
+    source: str = Field("arithmetic:medium", description="bundled set 'arithmetic:LEVEL' or a .jsonl/.parquet file")
+    template: str | None = Field(None, description="prompt template: plain, boxed, steps, or a string with {problem}")
+    limit: int | None = Field(None, ge=1, description="use the first LIMIT problems")
+    on_bad_row: Literal["fail", "skip"] = Field("fail", description="what a malformed row does")
+
+
+class PolicyConfig(_Strict):
+    model: str = Field("embedded", description="'embedded' or a local Hugging Face folder")
+    temperature: float = Field(0.8, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_step_tokens: int = Field(48, ge=1, description="token limit of one step")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    max_batch: int = Field(256, ge=1, description="rows decoded together")
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_step_tokens=self.max_step_tokens)
+
+
+class PRMConfig(_Strict):
+    model: str = Field("embedded", description="'embedded', a local Hugging Face folder, or 'none'")
+    kind: Literal["tag", "classifier"] = Field("tag", description="how the folder scores steps")
+    max_batch: int = Field(128, ge=1, description="sequences scored together")
+
+    @property
+    def enabled(self) -> bool:
+        return self.model.lower() != "none"
+
+
+class FormatConfig(_Strict):
+    delimiter: str = "\n\n"
+    answer_markers: tuple[str, ...] = ("\\boxed{",)
+    max_steps: int = Field(32, ge=1)
+
+    def step_format(self) -> StepFormat:
+        return StepFormat(delimiter=self.delimiter, answer_markers=self.answer_markers, max_steps=self.max_steps)
+
+
+class MethodConfig(_Strict):
+    name: str
+    label: str | None = Field(None, description="name in tables and plots (default: the method name)")
+    params: dict[str, Any] = Field(default_factory=dict)
+    budgets: list[int] | None = Field(None, description="budgets for this method (default: the sweep's)")
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+class BenchConfig(_Strict):
+    problems: ProblemsConfig = ProblemsConfig()
+    policy: PolicyConfig = PolicyConfig()
+    prm: PRMConfig = PRMConfig()
+    format: str | FormatConfig = "arithmetic"
+    methods: list[MethodConfig] = Field(min_length=1)
+    budgets: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    concurrency: int = Field(128, ge=1, description="problems in flight at once")
+    subsets: int = Field(64, ge=1, description="random subsets per budget when subsampling the best-of-N family")
+    output: str = Field("itscale-bench", description="folder for the store, exports, plots and report")
+
+    @field_validator("budgets", "seeds")
+    @classmethod
+    def _distinct(cls, values: list[int]) -> list[int]:
+        if len(set(values)) != len(values):
+            raise ValueError(f"values must be distinct, got {values}")
+        return sorted(values)
+
+    @field_validator("budgets")
+    @classmethod
+    def _positive(cls, values: list[int]) -> list[int]:
+        if any(b < 1 for b in values):
+            raise ValueError(f"budgets must be positive integers, got {values}")
+        return values
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value):
+        if isinstance(value, str) and value not in FORMATS:
+            raise ValueError(f"unknown format {value!r}; choose one of {sorted(FORMATS)} or give "
+                             "{delimiter, answer_markers, max_steps}")
+        return value
+
+    @model_validator(mode="after")
+    def _methods_runnable(self) -> "BenchConfig":
+        labels = [m.key for m in self.methods]
+        for i, m in enumerate(self.methods):
+            where = f"methods[{i}]"
+            if m.key in labels[:i]:
+                raise ValueError(f"{where}: label {m.key!r} is used twice; give each entry a distinct label")
+            if m.name not in STRATEGIES:
+                raise ValueError(f"{where}.name: unknown method {m.name!r}; choose one of: {', '.join(sorted(STRATEGIES))}")
+            cls = STRATEGIES[m.name]
+            if cls.needs_prm and not self.prm.enabled:
+                raise ValueError(f"{where}: {m.name} needs a reward model, but prm.model is 'none'")
+            reserved = sorted({"format", "sampling", "answer_key"} & set(m.params))
+            if reserved:
+                raise ValueError(f"{where}.params.{reserved[0]}: set it for the whole sweep (top-level "
+                                 "format, policy sampling settings), not per method")
+            try:
+                strategy = make_strategy(m.name, _UNBOUND, _UNBOUND, **m.params)
+            except ValueError as err:
+                raise ValueError(f"{where}.params: {err}") from None
+            for b in self.method_budgets(m):
+                try:
+                    strategy.check_budget(b)
+                except ValueError as err:
+                    raise ValueError(f"{where}.budgets: {err}; set budgets for this method, e.g. "
+                                     f"budgets: {[x for x in self.budgets if _fits(strategy, x)] or '[...]'}") from None
+            if issubclass(cls, PooledStrategy) and m.budgets is not None:
+                raise ValueError(f"{where}.budgets: {m.name} is computed for every sweep budget from one pool; "
+                                 "remove its budgets")
+        return self
+
+    # -- derived -------------------------------------------------------------------
+    def method_budgets(self, m: MethodConfig) -> list[int]:
+        if m.budgets is not None:
+            return sorted(set(m.budgets))
+        if m.name == "greedy":  # one sample whatever the budget
+            return [1]
+        return list(self.budgets)
+
+    def step_format(self) -> StepFormat:
+        return FORMATS[self.format] if isinstance(self.format, str) else self.format.step_format()
+
+    def backend_fingerprint(self) -> dict:
+        """What the results depend on besides the method: models, sampling, format."""
+        return {"policy": self.policy.model_dump(exclude={"threads", "max_batch"}),
+                "prm": self.prm.model_dump(exclude={"max_batch"}),
+                "format": self.format if isinstance(self.format, str) else self.format.model_dump()}
+
+    def method_hash(self, m: MethodConfig, problem_set_fingerprint: str) -> str:
+        """The store key part that changes whenever a record of ``m`` would change."""
+        spec = {"method": m.name, "params": m.params, "problems": problem_set_fingerprint, **self.backend_fingerprint()}
+        return _hash(spec)
+
+    def pool_hash(self, scoring: dict, problem_set_fingerprint: str) -> str:
+        spec = {"pool": scoring, "problems": problem_set_fingerprint, **self.backend_fingerprint()}
+        return _hash(spec)
+
+
+class _Unbound:
+    """Stands in for the backends while a configuration is validated."""
+
+    capabilities = None
+
+
+_UNBOUND = _Unbound()
+
+
+def _fits(strategy, budget: int) -> bool:
+    try:
+        strategy.check_budget(budget)
+    except ValueError:
+        return False
+    return True
+
+
+def _hash(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _field(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part not in ("FormatConfig", "str") and not str(part).startswith("function-"):
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def validate_config(data: Any, source: str = "config") -> BenchConfig:
+    """A :class:`BenchConfig` from parsed data; :class:`ConfigError` names every bad field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings at the top level, got {type(data).__name__}")
+    try:
+        return BenchConfig.model_validate(data)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            if e["type"] == "string_type" and "str" in e["loc"] and isinstance(e["input"], dict):
+                continue  # the mapping branch of a str-or-mapping field reports the real problem
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "extra_forbidden":
+                msg = "unknown setting (check the spelling; `itscale bench --help` lists the settings)"
+            lines.append(f"{source}: {_field(e['loc'])}: {msg}" if e["loc"] else f"{source}: {msg}")
+        raise ConfigError("\n".join(dict.fromkeys(lines))) from None
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> BenchConfig:
+    """Read a ``.yaml``/``.yml`` or ``.toml`` file; ``overrides`` replace top-level sections."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            raise ConfigError(f"{path}: unsupported config type {path.suffix!r}; use .yaml, .yml or .toml")
+    except ConfigError:
+        raise
+    except Exception as err:  # yaml.YAMLError, tomllib.TOMLDecodeError: both carry line numbers
+        raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {err}") from None
+    if isinstance(data, dict) and overrides:
+        data = merge(data, overrides)
+    return validate_config(data, str(path))
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` applied; nested mappings are merged key by key."""
+    out = dict(base)
+    for k, v in overrides.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

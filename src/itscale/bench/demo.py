@@ -1,0 +1,35 @@
+"""The embedded demo (``itscale demo``, ``make demo``): the standard comparison on a laptop.
+
+Greedy decoding, majority vote, best-of-N, weighted best-of-N, beam search, DVTS and
+particle filtering on held-out medium arithmetic problems at budgets 1-16, with the
+policy and PRM shipped in :mod:`itscale.zoo`. Beam search and DVTS need the budget to
+be a multiple of the beam width, so they use width 2 and start at budget 2.
+"""
+
+from __future__ import annotations
+
+from .. import zoo
+from .config import BenchConfig, validate_config
+
+BUDGETS = [1, 2, 4, 8, 16]
+
+
+def demo_config(output: str = "itscale-demo", problems: int = 100) -> BenchConfig:
+    return validate_config({
+        "problems": {"source": f"arithmetic:{zoo.DEFAULT_LEVEL}", "limit": problems},
+        "policy": {"model": "embedded", "temperature": 0.8},
+        "prm": {"model": "embedded"},
+        "format": "arithmetic",
+        "methods": [
+            {"name": "greedy"},
+            {"name": "self_consistency", "label": "majority_vote"},
+            {"name": "best_of_n"},
+            {"name": "weighted_best_of_n"},
+            {"name": "beam_search", "params": {"beam_width": 2}, "budgets": [b for b in BUDGETS if b >= 2]},
+            {"name": "dvts", "params": {"beam_width": 2}, "budgets": [b for b in BUDGETS if b >= 2]},
+            {"name": "particle_filtering"},
+        ],
+        "budgets": BUDGETS,
+        "seeds": [0],
+        "output": output,
+    }, "demo")

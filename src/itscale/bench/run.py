@@ -1,0 +1,134 @@
+"""``itscale bench`` end to end: problems → plan → backends → phases → metrics → outputs.
+
+Outputs in ``config.output``: ``bench.sqlite`` (the store), ``records.csv`` /
+``records.jsonl`` (one row per problem × method × budget × seed), ``metrics.csv`` /
+``metrics.jsonl`` (one row per method × budget), ``accuracy_vs_budget.png``,
+``accuracy_vs_tokens.png``, ``report.html`` and ``config.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .config import BenchConfig
+from .grading import Grader
+from .metrics import MetricRow, summarize
+from .plots import plot_all
+from .problems import load_problems
+from .report import environment_info, write_report
+from .store import Store, export_csv, export_jsonl
+from .sweep import DB_NAME, Sweep, output_dir, plan, run_phases
+from .table import print_table
+
+
+@dataclass
+class BenchOutcome:
+    rows: list[MetricRow]
+    folder: Path
+    wall_time: float
+    phases_run: int
+    problems: int
+    skipped_rows: tuple[str, ...] = ()
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def run_bench(config: BenchConfig, console: Console | None = None, *, title: str = "itscale bench",
+              backends=None) -> BenchOutcome:
+    """Complete whatever the store is missing for ``config``, then write every output."""
+    console = console or default_console()
+    t0 = time.perf_counter()
+    folder = output_dir(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    pset = load_problems(config.problems.source, template=config.problems.template, limit=config.problems.limit,
+                         on_bad_row=config.problems.on_bad_row, warn=lambda m: console.print(f"[yellow]skipped: {m}"))
+    fingerprint = pset.fingerprint()
+    environment = environment_info()
+    config_dump = config.model_dump(mode="json")
+    (folder / "config.json").write_text(json.dumps(config_dump, indent=2) + "\n")
+    with Store(folder / DB_NAME) as store:
+        phases = plan(config, pset.problems, fingerprint, store)
+        todo = sum(len(p.todo) for p in phases)
+        if phases:
+            console.print(f"{len(phases)} phases, {todo} problem runs to do "
+                          f"({len(pset.problems)} problems × methods × budgets × seeds, minus what is stored)")
+        else:
+            console.print("nothing to do: every result is already in the store")
+        run_id = store.start_run(config_dump, environment)
+        if phases:
+            if backends is None:
+                from .backends import load_backends
+
+                with console.status("loading models"):
+                    backends = load_backends(config)
+            with Grader() as grader, _progress(console) as progress:
+                overall = progress.add_task("all phases", total=todo)
+                tasks = {id(p): progress.add_task(p.label, total=len(p.todo), visible=False) for p in phases}
+
+                def on_progress(phase, n):
+                    progress.update(tasks[id(phase)], advance=n, visible=True)
+                    progress.advance(overall, n)
+
+                def on_phase(phase, wall):
+                    progress.update(tasks[id(phase)], visible=False)
+                    progress.console.print(f"  {phase.label}: {len(phase.todo)} problems in {wall:.1f} s")
+
+                sweep = Sweep(config, backends, store, grader, run_id, on_progress)
+                run_phases(sweep, phases, on_phase)
+        store.finish_run(run_id)
+        selection = {(config.method_hash(m, fingerprint), m.key) for m in config.methods}
+        wanted_ids, seeds = {p.id for p in pset.problems}, set(config.seeds)
+        records = [r for r in store.records(selection) if r.problem_id in wanted_ids and r.seed in seeds
+                   and r.budget in config.method_budgets(_method(config, r.method))]
+    rows = summarize(records, [m.key for m in config.methods])
+    wall = time.perf_counter() - t0
+    files = write_outputs(rows, records, folder, config_dump, environment, title, wall, len(pset.problems))
+    print_table(rows, console)
+    console.print(f"wrote {', '.join(str(p) for p in files.values())}")
+    return BenchOutcome(rows, folder, wall, len(phases), len(pset.problems), pset.skipped, files)
+
+
+def write_outputs(rows, records, folder: Path, config: dict, environment: dict, title: str, wall: float,
+                  n_problems: int) -> dict[str, Path]:
+    files = {"records.csv": export_csv(records, folder / "records.csv"),
+             "records.jsonl": export_jsonl(records, folder / "records.jsonl")}
+    files["metrics.csv"] = _write_metrics_csv(rows, folder / "metrics.csv")
+    metrics_jsonl = folder / "metrics.jsonl"
+    metrics_jsonl.write_text("".join(json.dumps(r.as_dict()) + "\n" for r in rows))
+    files["metrics.jsonl"] = metrics_jsonl
+    plots = plot_all(rows, folder)
+    files.update({p.name: p for p in plots.values()})
+    notes = [f"{n_problems} problems; this invocation took {wall:.1f} s (including model loading)"]
+    files["report.html"] = write_report(rows, folder / "report.html", config=config, environment=environment,
+                                        title=title, plots=plots, notes=notes)
+    return files
+
+
+def _write_metrics_csv(rows: list[MetricRow], path: Path) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(MetricRow.__dataclass_fields__))
+        w.writeheader()
+        for r in rows:
+            w.writerow(r.as_dict())
+    return path
+
+
+def _method(config: BenchConfig, key: str):
+    return next(m for m in config.methods if m.key == key)
+
+
+def default_console() -> Console:
+    """The terminal's console; 140 columns wide when writing to a file or pipe (logs, CI)."""
+    probe = Console()
+    return probe if probe.is_terminal else Console(width=140)
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)

@@ -1,0 +1,96 @@
+"""Bench configuration: YAML and TOML files, defaults, and errors that name the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from itscale.bench.config import ConfigError, load_config, validate_config
+
+MINIMAL = {"methods": [{"name": "particle_filtering"}]}
+
+
+def test_defaults_fill_everything_but_methods():
+    c = validate_config(MINIMAL)
+    assert c.problems.source == "arithmetic:medium"
+    assert c.policy.model == "embedded" and c.prm.model == "embedded"
+    assert c.budgets == [1, 2, 4, 8, 16] and c.seeds == [0]
+    assert c.method_budgets(c.methods[0]) == [1, 2, 4, 8, 16]
+
+
+def test_yaml_and_toml_give_the_same_config(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("methods:\n  - name: beam_search\n    params: {beam_width: 2}\n    budgets: [2, 4]\n"
+                         "budgets: [4, 1, 2]\n")
+    toml_file = tmp_path / "c.toml"
+    toml_file.write_text('budgets = [4, 1, 2]\n[[methods]]\nname = "beam_search"\nparams = {beam_width = 2}\n'
+                         'budgets = [2, 4]\n')
+    a, b = load_config(yaml_file), load_config(toml_file)
+    assert a == b
+    assert a.budgets == [1, 2, 4]  # sorted
+    assert a.method_budgets(a.methods[0]) == [2, 4]
+
+
+def test_greedy_runs_once_whatever_the_budgets():
+    c = validate_config({"methods": [{"name": "greedy"}], "budgets": [1, 4, 16]})
+    assert c.method_budgets(c.methods[0]) == [1]
+
+
+@pytest.mark.parametrize("data, fragment", [
+    ({"methods": [{"name": "particle_filtering", "params": {"temperature": -1}}]},
+     "methods[0].params: particle_filtering.temperature: Input should be greater than 0"),
+    ({"methods": [{"name": "beam_search"}], "budgets": [1, 2, 4, 8]},
+     "methods[0].budgets: beam_search: budget 1 is not divisible by beam_width 4; set budgets for this method, "
+     "e.g. budgets: [4, 8]"),
+    ({"methods": [{"name": "nope"}]}, "methods[0].name: unknown method 'nope'; choose one of: "),
+    ({"methods": [{"name": "greedy"}], "budgetz": [1]}, "budgetz: unknown setting"),
+    ({"methods": [{"name": "greedy"}], "policy": {"temperature": "hot"}}, "policy.temperature: Input should be a valid number"),
+    ({"methods": []}, "methods: List should have at least 1 item"),
+    ({"methods": [{"name": "best_of_n"}], "prm": {"model": "none"}}, "methods[0]: best_of_n needs a reward model"),
+    ({"methods": [{"name": "best_of_n"}], "format": "latex"}, "format: unknown format 'latex'"),
+    ({"methods": [{"name": "best_of_n"}], "format": {"max_steps": 0}}, "format.max_steps: Input should be greater"),
+    ({"methods": [{"name": "greedy"}, {"name": "greedy"}]}, "methods[1]: label 'greedy' is used twice"),
+    ({"methods": [{"name": "best_of_n", "budgets": [2]}]}, "methods[0].budgets: best_of_n is computed for every sweep budget"),
+    ({"methods": [{"name": "greedy", "params": {"sampling": {}}}]}, "methods[0].params.sampling: set it for the whole sweep"),
+    ({"methods": [{"name": "greedy"}], "budgets": [2, 2]}, "budgets: values must be distinct, got [2, 2]"),
+    ({"methods": [{"name": "greedy"}], "problems": {"limit": 0}}, "problems.limit: Input should be greater than or equal to 1"),
+    ([1, 2], "expected a mapping of settings"),
+])
+def test_errors_name_the_field(data, fragment):
+    with pytest.raises(ConfigError) as err:
+        validate_config(data, "c.yaml")
+    message = str(err.value)
+    assert fragment in message, message
+    assert message.startswith("c.yaml: ")
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "c.json"
+    bad.write_text("{}")
+    with pytest.raises(ConfigError, match="unsupported config type '.json'"):
+        load_config(bad)
+    broken = tmp_path / "c.yaml"
+    broken.write_text("methods: [\n")
+    with pytest.raises(ConfigError, match=r"(?s)c.yaml: not valid YAML: .*line 2"):
+        load_config(broken)
+
+
+def test_overrides_merge_into_sections(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("problems: {source: arithmetic:easy, limit: 5}\nmethods: [{name: greedy}]\n")
+    c = load_config(f, {"problems": {"limit": 7}, "output": "x"})
+    assert (c.problems.source, c.problems.limit, c.output) == ("arithmetic:easy", 7, "x")
+
+
+def test_method_hash_tracks_what_results_depend_on():
+    base = validate_config({"methods": [{"name": "particle_filtering"}]})
+    same = validate_config({"methods": [{"name": "particle_filtering"}], "budgets": [2], "concurrency": 3,
+                            "output": "elsewhere", "policy": {"threads": 1, "max_batch": 8}})
+    hotter = validate_config({"methods": [{"name": "particle_filtering"}], "policy": {"temperature": 1.0}})
+    other_param = validate_config({"methods": [{"name": "particle_filtering", "params": {"temperature": 0.5}}]})
+    h = base.method_hash(base.methods[0], "fp")
+    assert same.method_hash(same.methods[0], "fp") == h
+    assert hotter.method_hash(hotter.methods[0], "fp") != h
+    assert other_param.method_hash(other_param.methods[0], "fp") != h
+    assert base.method_hash(base.methods[0], "other problems") != h
