@@ -57,13 +57,14 @@ def _as_latex(answer: str) -> str:
     return answer if "\\boxed" in answer else f"\\boxed{{{answer}}}"
 
 
-def _warm_up(import_math_verify: bool) -> bool:
-    """Prepare a fresh worker: import math-verify (and sympy) so the first comparison is fast."""
+def _warm_up(compare: Callable[[str, str], bool]) -> bool:
+    """Prepare a fresh worker so the first comparison is fast: receiving ``compare`` imports
+    its module, and the default comparison's math-verify (and sympy) are imported too."""
     import logging
 
     # math-verify warns once per process that its timeouts are off: we enforce our own.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
-    if import_math_verify:
+    if compare is math_verify_equal:
         import math_verify  # noqa: F401
     return True
 
@@ -174,7 +175,7 @@ class Grader:
         if self._pool is None:
             self._pool = cf.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
             try:
-                self._pool.submit(_warm_up, self.compare is math_verify_equal).result(timeout=self.startup_timeout)
+                self._pool.submit(_warm_up, self.compare).result(timeout=self.startup_timeout)
             except cf.TimeoutError as e:
                 self._discard_pool()
                 raise GraderStartError(f"the grading worker process did not start within {self.startup_timeout} s; "
