@@ -68,3 +68,26 @@ def test_backend_failure_reaches_every_waiting_worker():
 
     out = asyncio.run(main())
     assert all(isinstance(e, ConnectionError) for e in out)
+
+
+def test_a_failing_batch_is_retried_per_worker_so_only_the_bad_request_fails():
+    async def main():
+        c, calls = Coalescer(), []
+
+        async def picky(items):
+            calls.append(list(items))
+            if "bad" in items:
+                raise ValueError("cannot serve 'bad'")
+            return [f"r{x}" for x in items]
+
+        async def worker(item):
+            async with c.member():
+                return await c.submit("policy", picky, [item])
+
+        out = await asyncio.gather(*(worker(x) for x in ("a", "bad", "c")), return_exceptions=True)
+        return out, calls
+
+    out, calls = asyncio.run(main())
+    assert out[0] == ["ra"] and out[2] == ["rc"]
+    assert isinstance(out[1], ValueError)
+    assert calls[0] == ["a", "bad", "c"] and sorted(map(tuple, calls[1:])) == [("a",), ("bad",), ("c",)]

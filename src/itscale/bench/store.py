@@ -137,7 +137,7 @@ class Store:
                 self.db.execute("INSERT OR REPLACE INTO pools VALUES (?, ?, ?, ?, ?, ?)",
                                 (pool["pool_hash"], pool["problem_id"], pool["seed"], pool["n"],
                                  json.dumps(pool["samples"]), now))
-            self.db.executemany(f"INSERT INTO records ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+            self.db.executemany(f"INSERT OR REPLACE INTO records ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
                                 rows)
 
     def set_wall_time(self, keys: Iterable[tuple], seconds: Sequence[float]) -> None:
@@ -161,9 +161,10 @@ class Store:
 
     # -- reads ----------------------------------------------------------------------
     def done(self, config_hash: str, method: str, budget: int, seed: int) -> set[str]:
-        """Problem ids already recorded for this method, budget and seed."""
+        """Problem ids already recorded for this method, budget and seed (a run that failed
+        with ``status="error"`` is not done: the next run retries it and replaces the record)."""
         cur = self.db.execute("SELECT problem_id FROM records WHERE config_hash = ? AND method = ? AND budget = ? "
-                              "AND seed = ?", (config_hash, method, budget, seed))
+                              "AND seed = ? AND status != 'error'", (config_hash, method, budget, seed))
         return {row[0] for row in cur}
 
     def records(self, selection: Iterable[tuple[str, str]] | None = None) -> list[Record]:

@@ -11,7 +11,9 @@ gone a full iteration without a new submission, so batching degrades gracefully
 instead of deadlocking.
 
 ``BatchedGenerator`` / ``BatchedPRM`` / ``BatchedOutcome`` wrap real backends with
-the same protocols, so strategies never know they are batched.
+the same protocols, so strategies never know they are batched. When a combined call
+fails, each waiting task's requests are sent again on their own, so a failure reaches
+only the tasks whose own requests fail.
 """
 
 from __future__ import annotations
@@ -95,12 +97,19 @@ class Coalescer:
             results = await call(items)
             if len(results) != len(items):
                 raise RuntimeError(f"backend returned {len(results)} results for {len(items)} requests")
-        except BaseException as err:  # every waiting task sees the failure
+        except (KeyboardInterrupt, SystemExit, asyncio.CancelledError) as err:
             for p in queue:
                 if not p.future.done():
                     p.future.set_exception(err)
-            if isinstance(err, (KeyboardInterrupt, SystemExit)):
-                raise
+            raise
+        except Exception as err:
+            if len(queue) == 1:
+                if not queue[0].future.done():
+                    queue[0].future.set_exception(err)
+                return
+            # Isolate the failure: each waiting task retries its own requests alone, so
+            # one problem's bad request (or a transient error) fails that problem only.
+            await asyncio.gather(*(Coalescer._dispatch(call, [p]) for p in queue))
             return
         start = 0
         for p in queue:
