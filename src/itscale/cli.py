@@ -40,7 +40,7 @@ def _zoo_train_prm(ns: argparse.Namespace) -> int:
 
     args = PRMArgs(seed=ns.seed, n_problems=ns.problems, samples_per_problem=ns.samples,
                    temperature=ns.temperature, steps=ns.steps, batch_size=ns.batch_size, lr=ns.lr,
-                   warmup_steps=ns.warmup_steps,
+                   warmup_steps=ns.warmup_steps, near_misses=ns.near_misses,
                    balance=not ns.no_balance, init_from_policy=not ns.from_scratch, bf16_autocast=not ns.fp32,
                    threads=ns.threads)
     policy = Path(ns.policy) if ns.policy else zoo.policy_path()
@@ -102,6 +102,8 @@ def add_zoo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--near-misses", type=int, default=0,
+                   help="synthetic one-slip solutions added per training problem (validation stays policy samples)")
     p.add_argument("--no-balance", action="store_true", help="do not reweight the two classes")
     p.add_argument("--from-scratch", action="store_true", help="do not start from the policy's weights")
     p.add_argument("--init", help="start from this checkpoint's weights instead of the sampled policy's")

@@ -58,3 +58,24 @@ def test_cli_wires_the_zoo_commands():
     assert parser.parse_args(["zoo", "train-prm"]).func.__name__ == "_zoo_train_prm"
     with pytest.raises(SystemExit):
         parser.parse_args(["zoo"])
+
+
+def test_near_miss_has_one_slip_and_exact_labels():
+    import numpy as np
+
+    from itscale.tasks import arithmetic
+    from itscale.zoo.training import near_miss
+
+    rng = np.random.default_rng(0)
+    for problem in arithmetic.eval_set("hard")[:50]:
+        steps, labels = near_miss(problem, rng)
+        assert labels == arithmetic.step_labels(problem, steps)
+        assert not labels[-1] and not arithmetic.is_correct(problem, "".join(steps))
+        assert labels == sorted(labels, reverse=True)  # correct prefix, then wrong
+        assert all(arithmetic.is_well_formed_step(s.strip()) for s in steps)
+        # at most one line's arithmetic is wrong: later lines continue correctly from the slip
+        wrong_sums = 0
+        for line in (s.strip() for s in steps[:-1]):
+            a, op, b, result = arithmetic._OP.match(line).groups()
+            wrong_sums += int(result) != arithmetic.apply(int(a), op, int(b))
+        assert wrong_sums <= 1

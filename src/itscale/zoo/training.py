@@ -99,6 +99,7 @@ class PRMArgs:
     threads: int = 2
     log_every: int = 25
     checkpoint_every: int = 250  # here: how often to log the validation AUROC
+    near_misses: int = 0  # synthetic near-miss solutions added per training problem (see near_miss)
 
 
 def eval_prompts() -> set[str]:
@@ -349,6 +350,45 @@ def prm_example(tokenizer, problem: Problem, steps: Sequence[str], labels: Seque
     return ids, targets
 
 
+def near_miss(problem: Problem, rng: np.random.Generator) -> tuple[list[str], list[bool]]:
+    """A solution with exactly one slip, the kind the policy makes, and its exact labels.
+
+    One operation line k (uniform) is wrong: its result off by ±1, ±2, ±10 or ±20, or
+    two digits swapped (60%); the right result of a wrong operand (20%); or the
+    operation skipped (20%). Later lines compute correctly from the wrong value, as
+    the policy does after a slip, so the error is only visible at line k itself.
+    Training on these teaches the PRM to check each line's arithmetic, which the
+    policy's own samples (mostly long tails of steps after an early error) teach slowly.
+    """
+    start, ops = arithmetic.parse_prompt(problem.prompt)
+    k = int(rng.integers(len(ops)))
+    kind = rng.choice(["result", "operand", "skip"], p=[0.6, 0.2, 0.2])
+    lines, value = [], start
+    for i, (op, x) in enumerate(ops):
+        if i == k and kind == "skip":
+            continue
+        true = arithmetic.apply(value, op, x)
+        if i == k and kind == "operand":
+            x = x + int(rng.choice([-2, -1, 1, 2])) if x > 2 else x + int(rng.integers(1, 3))
+            true = arithmetic.apply(value, op, x)
+        result = _slip(true, rng) if i == k and kind == "result" else true
+        lines.append(f"{value}{op}{x}={result}")
+        value = result
+    lines.append(f"{arithmetic.ANSWER_PREFIX}{value}")
+    steps = [line + arithmetic.DELIMITER for line in lines[:-1]] + [lines[-1]]
+    return steps, arithmetic.step_labels(problem, steps)
+
+
+def _slip(value: int, rng: np.random.Generator) -> int:
+    digits = str(abs(value))
+    if len(digits) >= 2 and rng.random() < 0.25:
+        i = int(rng.integers(len(digits) - 1))
+        swapped = digits[:i] + digits[i + 1] + digits[i] + digits[i + 2:]
+        if swapped != digits:
+            return int(swapped) * (-1 if value < 0 else 1)
+    return value + int(rng.choice([-20, -10, -2, -1, 1, 2, 10, 20]))
+
+
 def collect_prm_data(policy, tokenizer, problems: Sequence[Problem], args: PRMArgs, log) -> list[tuple]:
     """Sample the policy, cut into steps, label each step exactly. Returns (problem, steps, labels)."""
     from .sampling import solve, split_steps
@@ -416,7 +456,13 @@ def train_prm(policy_dir: Path, out: Path, args: PRMArgs, log_file=None, init_di
     rng.shuffle(prompts)
     val_prompts = set(prompts[: int(len(prompts) * args.val_fraction)])
     train = [d for d in data if d[0].prompt not in val_prompts]
-    val = [d for d in data if d[0].prompt in val_prompts]
+    val = [d for d in data if d[0].prompt in val_prompts]  # policy samples only, never synthetic
+    if args.near_misses:
+        slips = np.random.default_rng(args.seed + 1)
+        train_problems = list({p.prompt: p for p, _, _ in train}.values())
+        extra = [(p, *near_miss(p, slips)) for p in train_problems for _ in range(args.near_misses)]
+        log(f"added {len(extra)} near-miss solutions ({args.near_misses} per training problem)")
+        train = train + extra
     labels = [x for _, _, ls in train for x in ls]
     n_pos, n_neg = sum(labels), len(labels) - sum(labels)
     log(f"PRM data: {len(data)} solutions ({len(train)} train, {len(val)} val); train steps {len(labels)}: "
