@@ -25,25 +25,12 @@ import time
 import torch
 
 from itscale import zoo
+from itscale.bench.backends import Timed
 from itscale.lm import HFGenerator
 from itscale.rewards import HFTagPRM
 from itscale.strategies import make_strategy, run_many
 from itscale.tasks import arithmetic
 from itscale.types import SamplingParams, StepRequest
-
-
-class Timed:
-    """Wraps a generator and adds up the wall time spent inside it."""
-
-    def __init__(self, inner):
-        self.inner, self.capabilities, self.seconds = inner, inner.capabilities, 0.0
-
-    async def generate_steps(self, requests):
-        t = time.perf_counter()
-        try:
-            return await self.inner.generate_steps(requests)
-        finally:
-            self.seconds += time.perf_counter() - t
 
 
 def particle_filtering(problems, particles, reuse, prm, seed=0):
