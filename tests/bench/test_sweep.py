@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import csv
 import json
 import sqlite3
 
@@ -86,6 +87,12 @@ def test_sweep_writes_every_record_once_and_a_rerun_does_nothing(tmp_path):
                  "accuracy_vs_tokens.png", "report.html", "config.json"):
         assert (tmp_path / "out" / name).stat().st_size > 0, name
     assert len((tmp_path / "out" / "records.jsonl").read_text().splitlines()) == len(rows)
+    with open(tmp_path / "out" / "records.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows) and {"problem_id", "method", "budget", "seed", "score"} <= set(table[0])
+    with open(tmp_path / "out" / "metrics.csv") as f:
+        metrics = list(csv.DictReader(f))
+    assert [(m["method"], int(m["budget"])) for m in metrics] == [(r.method, r.budget) for r in outcome.rows]
 
     policy = CountingPolicy(task.policy())
     again = run_bench(config, quiet(), backends=backends_for(task, policy))
