@@ -3,9 +3,13 @@
 - :class:`~itscale.lm.hf.HFGenerator` — a local Hugging Face causal LM: batched
   generation over the population with per-row stop strings, seeded sampling, and
   key/value-cache reuse across steps (needs the ``hf`` extra: torch, transformers).
+- :class:`~itscale.lm.openai.OpenAIGenerator` — an OpenAI-compatible HTTP server (vLLM,
+  llama.cpp, hosted APIs), over :class:`~itscale.lm.http.EndpointPool` (load balancing,
+  bounded concurrency, retries with backoff); failures are :class:`~itscale.lm.http.BackendError`
+  (needs the ``http`` extra: httpx).
 - :class:`~itscale.lm.loading.ModelLoadError` — a model folder that cannot be loaded.
 
-Names are imported lazily, so ``import itscale.lm`` does not import torch.
+Names are imported lazily, so ``import itscale.lm`` imports neither torch nor httpx.
 """
 
 from __future__ import annotations
@@ -18,9 +22,16 @@ _EXPORTS = {
     "GeneratorStats": "hf",
     "ModelLoadError": "loading",
     "KVStore": "kv_cache",
+    "OpenAIGenerator": "openai",
+    "EndpointPool": "http",
+    "BackendError": "http",
+    "Usage": "http",
 }
 
-__all__ = ["GeneratorStats", "HFGenerator", "KVStore", "ModelLoadError"]
+__all__ = [
+    "BackendError", "EndpointPool", "GeneratorStats", "HFGenerator", "KVStore", "ModelLoadError", "OpenAIGenerator",
+    "Usage",
+]
 
 
 def __getattr__(name: str) -> Any:

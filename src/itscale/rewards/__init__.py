@@ -1,7 +1,8 @@
 """Scorers: process reward models, outcome verifiers, and score aggregation.
 
 The Hugging Face PRMs (``HFTagPRM``, ``HFClassifierPRM``, from :mod:`itscale.rewards.hf`)
-are imported lazily, so importing this package does not import torch.
+and the HTTP PRMs (``RemoteTagPRM``, ``RemoteRewardPRM``, from :mod:`itscale.rewards.remote`)
+are imported lazily, so importing this package imports neither torch nor httpx.
 """
 
 from __future__ import annotations
@@ -11,9 +12,15 @@ from typing import Any
 
 from .aggregate import AGGREGATIONS, aggregate, aggregate_prefixes
 
-_LAZY = {"HFTagPRM": "hf", "HFClassifierPRM": "hf", "PRMStats": "hf"}
+_LAZY = {
+    "HFTagPRM": "hf", "HFClassifierPRM": "hf", "PRMStats": "hf",
+    "RemoteTagPRM": "remote", "RemoteRewardPRM": "remote", "RemotePRMStats": "remote",
+}
 
-__all__ = ["AGGREGATIONS", "HFClassifierPRM", "HFTagPRM", "PRMStats", "aggregate", "aggregate_prefixes"]
+__all__ = [
+    "AGGREGATIONS", "HFClassifierPRM", "HFTagPRM", "PRMStats", "RemotePRMStats", "RemoteRewardPRM", "RemoteTagPRM",
+    "aggregate", "aggregate_prefixes",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,331 @@
+r"""Async HTTP plumbing shared by the OpenAI-compatible backends (design 6).
+
+:class:`EndpointPool` sends JSON requests to one or more servers that speak the
+OpenAI HTTP API (vLLM, llama.cpp's server, hosted APIs):
+
+- **Base URLs.** Each is the API root, as for the ``openai`` client:
+  ``http://host:8000/v1``. A URL with no path (``http://host:8000``) gets ``/v1``
+  appended. A request path without a leading slash (``"completions"``) is relative
+  to the API root (``…/v1/completions``); one with a leading slash (``"/pooling"``)
+  is relative to the server root (vLLM serves ``/pooling`` there).
+- **Load balancing.** Every attempt goes to the URL with the fewest requests in
+  flight from this pool, round-robin among ties; a retry may go to another URL.
+- **Concurrency.** At most ``max_concurrency`` requests are in flight at once
+  (an ``asyncio.Semaphore``; a request waiting out its backoff holds no slot).
+- **Timeouts.** ``timeout`` seconds per attempt (``connect_timeout`` to connect).
+- **Retries.** Up to ``retries`` more attempts after HTTP 429, any 5xx, connection
+  errors, connect/read/write/pool timeouts and dropped connections
+  (``httpx.RemoteProtocolError``, ``httpx.ReadError`` …). The wait before retry
+  ``a`` (0-based) is full-jitter exponential backoff, uniform in
+  ``[0, min(backoff_cap, backoff_base · 2^a)]``, drawn from the pool's own
+  ``random.Random`` / ``numpy.random.Generator``; on 429/503 a ``Retry-After`` header
+  (seconds) is honoured as a lower bound (at most 60 s). Other 4xx are never retried.
+- **Errors.** A request that fails for good raises :class:`BackendError`, whose text
+  names the URL, the HTTP status (``None`` for connection errors) and the server's
+  own message (``{"error": {"message": …}}``, ``{"detail": …}`` or the raw text), plus
+  a hint at the usual fix.
+- **Usage.** :attr:`EndpointPool.usage` sums the ``usage`` blocks of all responses.
+
+The pool's ``httpx.AsyncClient`` belongs to the event loop it was first used in; if
+a later call runs in a different loop (e.g. successive ``asyncio.run`` calls), a
+fresh client is made for it, so one pool can serve one loop at a time. Close with
+``await pool.aclose()`` or ``async with pool:``. An ``httpx`` transport (e.g.
+``httpx.MockTransport``) can be injected for tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, NamedTuple, Sequence
+from urllib.parse import urlsplit
+
+import httpx
+
+__all__ = ["BackendError", "EndpointPool", "Reply", "Usage", "normalize_base_url"]
+
+#: Transport failures worth retrying: the request may well succeed next time.
+RETRYABLE_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+_MAX_RETRY_AFTER = 60.0
+
+
+class BackendError(RuntimeError):
+    """A request to an HTTP backend failed for good.
+
+    ``endpoint`` is the full URL, ``status`` the HTTP status (``None`` when there was
+    no HTTP answer: connection refused, timeout, dropped connection, or a failed
+    :meth:`EndpointPool.check`), ``message`` the server's error message or the cause.
+    """
+
+    def __init__(self, endpoint: str, status: int | None, message: str, *, attempts: int = 1):
+        self.endpoint, self.status, self.message, self.attempts = endpoint, status, message, attempts
+        super().__init__(self._text())
+
+    def _text(self) -> str:
+        what = f"HTTP {self.status}" if self.status is not None else "no HTTP response"
+        tries = f" (after {self.attempts} attempts)" if self.attempts > 1 else ""
+        hint = _hint(self.status)
+        return f"{self.endpoint}: {what}{tries}: {self.message}" + (f" [{hint}]" if hint else "")
+
+
+def _hint(status: int | None) -> str:
+    if status is None:
+        return "is the server running and reachable at this URL?"
+    if status in (401, 403):
+        return "check api_key"
+    if status == 404:
+        return "check the base URL (the API root, e.g. http://host:8000/v1) and the model name"
+    if status == 429:
+        return "the server is rate-limiting: lower max_concurrency"
+    if status >= 500:
+        return "server-side failure: see the server's log"
+    return ""
+
+
+@dataclass
+class Usage:
+    """What the pool's requests spent, summed over successful responses."""
+
+    requests: int = 0  # successful responses
+    failures: int = 0  # requests that raised BackendError
+    retries: int = 0  # extra attempts
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens, where reported
+
+    def add(self, usage: Mapping[str, Any] | None) -> None:
+        self.requests += 1
+        if not isinstance(usage, Mapping):
+            return
+        self.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+        self.completion_tokens += int(usage.get("completion_tokens") or 0)
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, Mapping):
+            self.cached_tokens += int(details.get("cached_tokens") or 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class Reply(NamedTuple):
+    """A successful JSON response and the URL that produced it."""
+
+    data: dict[str, Any]
+    endpoint: str
+
+
+def normalize_base_url(url: str) -> str:
+    """The API root: trailing slashes removed, ``/v1`` appended to a bare host."""
+    url = str(url).strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"base URL must look like http://host:port/v1, got {url!r}")
+    return url if parts.path not in ("", "/") else url + "/v1"
+
+
+def error_message(response: httpx.Response) -> str:
+    """The server's own error message: OpenAI's ``{"error": {"message": …}}``, FastAPI's
+    ``{"detail": …}``, ``{"message": …}``, or the (shortened) body text."""
+    try:
+        data = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+        text = response.text.strip()
+        return text[:500] or (response.reason_phrase or "empty response")
+    if isinstance(data, Mapping):
+        err = data.get("error")
+        if isinstance(err, Mapping) and err.get("message"):
+            return str(err["message"])
+        for key in ("error", "detail", "message"):
+            if data.get(key):
+                return str(data[key])[:500]
+    return json.dumps(data)[:500]
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    try:
+        return min(max(float(value), 0.0), _MAX_RETRY_AFTER) if value is not None else None
+    except ValueError:  # an HTTP date: not worth parsing, fall back to backoff
+        return None
+
+
+class EndpointPool:
+    """JSON over HTTP to one or more OpenAI-compatible servers (see the module docstring).
+
+    ``rng`` drives the backoff jitter: a ``random.Random``, a ``numpy.random.Generator``,
+    an int seed, or ``None`` for a fresh, privately seeded ``random.Random``.
+    """
+
+    def __init__(
+        self,
+        base_urls: str | Sequence[str],
+        *,
+        api_key: str | None = None,
+        max_concurrency: int = 64,
+        timeout: float = 60.0,
+        connect_timeout: float = 10.0,
+        retries: int = 4,
+        backoff_base: float = 0.25,
+        backoff_cap: float = 8.0,
+        rng: Any = None,
+        headers: Mapping[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
+        urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
+        if not urls:
+            raise ValueError("EndpointPool needs at least one base URL")
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        self.base_urls = [normalize_base_url(u) for u in urls]
+        self.max_concurrency, self.retries = int(max_concurrency), int(retries)
+        self.timeout = httpx.Timeout(timeout, connect=min(timeout, connect_timeout))
+        self.backoff_base, self.backoff_cap = float(backoff_base), float(backoff_cap)
+        self.rng = random.Random(rng) if rng is None or isinstance(rng, int) else rng
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.transport = transport
+        self.usage = Usage()
+        self.in_flight = [0] * len(self.base_urls)
+        self._turn = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._slots: asyncio.Semaphore | None = None
+
+    # -- plumbing -----------------------------------------------------------------------
+    def _live(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+        """The client and semaphore of the running event loop (made on first use)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._client is None or self._client.is_closed:
+            self._client = httpx.AsyncClient(
+                transport=self.transport, timeout=self.timeout, headers=self.headers,
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=self.max_concurrency),
+            )
+            self._slots = asyncio.Semaphore(self.max_concurrency)
+            self._loop = loop
+            self.in_flight = [0] * len(self.base_urls)
+        return self._client, self._slots  # type: ignore[return-value]
+
+    def _pick(self) -> int:
+        """The base URL with the fewest requests in flight; round-robin among ties."""
+        n = len(self.base_urls)
+        order = [(self._turn + j) % n for j in range(n)]
+        best = min(order, key=lambda i: self.in_flight[i])  # first minimum in round-robin order
+        self._turn = (best + 1) % n
+        return best
+
+    def url(self, index: int, path: str) -> str:
+        base = self.base_urls[index]
+        if path.startswith("/"):
+            return base.removesuffix("/v1") + path
+        return f"{base}/{path}"
+
+    def backoff(self, attempt: int) -> float:
+        """Full-jitter exponential backoff before retry ``attempt`` (0-based)."""
+        return float(self.rng.uniform(0.0, min(self.backoff_cap, self.backoff_base * 2.0**attempt)))
+
+    # -- requests -----------------------------------------------------------------------
+    async def post(self, path: str, body: Mapping[str, Any], timeout: float | None = None) -> Reply:
+        """POST ``body`` as JSON; the decoded JSON reply, or :class:`BackendError`."""
+        client, slots = self._live()
+        attempt = 0
+        while True:
+            async with slots:
+                index = self._pick()
+                endpoint = self.url(index, path)
+                self.in_flight[index] += 1
+                retry_after = None
+                try:
+                    response = await client.post(endpoint, json=body, timeout=timeout or self.timeout)
+                except RETRYABLE_ERRORS as err:
+                    error = BackendError(endpoint, None, f"{type(err).__name__}: {err}".rstrip(": "))
+                except httpx.HTTPError as err:  # bad URL, unsupported protocol…: retrying cannot help
+                    self.usage.failures += 1
+                    raise BackendError(endpoint, None, f"{type(err).__name__}: {err}") from err
+                else:
+                    status = response.status_code
+                    if 200 <= status < 300:
+                        return self._decode(response, endpoint)
+                    error = BackendError(endpoint, status, error_message(response))
+                    if status != 429 and status < 500:
+                        self.usage.failures += 1
+                        raise error
+                    if status in (429, 503):
+                        retry_after = _retry_after(response)
+                finally:
+                    self.in_flight[index] -= 1
+            if attempt >= self.retries:
+                self.usage.failures += 1
+                raise BackendError(error.endpoint, error.status, error.message, attempts=attempt + 1)
+            delay = self.backoff(attempt)
+            if retry_after is not None:
+                delay = max(delay, retry_after)
+            attempt += 1
+            self.usage.retries += 1
+            await asyncio.sleep(delay)
+
+    def _decode(self, response: httpx.Response, endpoint: str) -> Reply:
+        try:
+            data = response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+            self.usage.failures += 1
+            raise BackendError(endpoint, response.status_code, f"the reply is not JSON: {response.text[:200]!r}") from None
+        if not isinstance(data, dict):
+            self.usage.failures += 1
+            raise BackendError(endpoint, response.status_code, f"expected a JSON object, got {json.dumps(data)[:200]}")
+        self.usage.add(data.get("usage"))
+        return Reply(data, endpoint)
+
+    async def check(self, model: str | None = None, timeout: float = 5.0) -> dict[str, list[str]]:
+        """GET ``models`` on every base URL, once each (no retries, short timeouts).
+
+        Returns ``{base URL: served model ids}``. Raises :class:`BackendError` if a
+        server is unreachable or answers with an error, or — when ``model`` is given —
+        does not serve it (the message lists the ids it does serve).
+        """
+        client, _ = self._live()
+        limit = httpx.Timeout(timeout, connect=min(timeout, 2.0))
+
+        async def one(index: int) -> list[str]:
+            endpoint = self.url(index, "models")
+            try:
+                response = await client.get(endpoint, timeout=limit)
+            except httpx.HTTPError as err:
+                raise BackendError(endpoint, None, f"cannot reach the server ({type(err).__name__}: {err})") from err
+            if response.status_code != 200:
+                raise BackendError(endpoint, response.status_code, error_message(response))
+            try:
+                served = [str(m["id"]) for m in response.json()["data"]]
+            except (ValueError, KeyError, TypeError):
+                raise BackendError(endpoint, 200, f"not an OpenAI model list: {response.text[:200]!r}") from None
+            if model is not None and model not in served:
+                raise BackendError(
+                    endpoint, None,
+                    f"model {model!r} is not served here; served model ids: {served} "
+                    "(vLLM serves --served-model-name, by default the --model argument)",
+                )
+            return served
+
+        results = await asyncio.gather(*(one(i) for i in range(len(self.base_urls))), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return dict(zip(self.base_urls, results))  # type: ignore[arg-type]
+
+    # -- lifetime -----------------------------------------------------------------------
+    async def aclose(self) -> None:
+        """Close the client (a client made in another, finished event loop is just dropped)."""
+        client, loop = self._client, self._loop
+        self._client = self._loop = None
+        if client is not None and not client.is_closed and loop is asyncio.get_running_loop():
+            await client.aclose()
+
+    async def __aenter__(self) -> "EndpointPool":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()

@@ -1,0 +1,358 @@
+r"""An OpenAI-compatible HTTP server (vLLM, llama.cpp, hosted APIs) as an itscale policy.
+
+:class:`OpenAIGenerator` implements :class:`itscale.protocols.Generator` over the
+HTTP plumbing of :mod:`itscale.lm.http` (several base URLs, bounded concurrency,
+retries with backoff, typed errors). Every ``StepRequest`` of a call is sent
+concurrently; the server batches them.
+
+The HTTP contract
+-----------------
+**Completions (default when a tokenizer is known).** The chat template is applied
+client-side, exactly as :meth:`itscale.lm.hf.HFGenerator.context_text` does, so the
+server continues the exact text ``c = chat_prompt(problem) + s_1 + … + s_t``::
+
+    POST {base}/completions
+    {"model": M, "prompt": c, "max_tokens": params.max_step_tokens,
+     "temperature": T, "top_p": P, "n": k, "logprobs": 1,
+     "seed": params.seed,                  # only when set
+     "stop": [...request.stop],            # only when non-empty
+     "include_stop_str_in_output": true,   # vLLM extension (see `extensions`)
+     "add_special_tokens": false}          # vLLM extension, when the chat template wrote
+                                           # the special tokens itself (no second BOS)
+
+Read back: ``choices[i].text``, ``.finish_reason``, ``.stop_reason`` (vLLM),
+``.logprobs.token_logprobs`` and ``usage.prompt_tokens`` /
+``usage.completion_tokens`` / ``usage.prompt_tokens_details.cached_tokens``.
+
+**Chat (fallback when no tokenizer is known, or ``api="chat"``).** ``POST
+{base}/chat/completions`` with ``messages = [system?, user: problem, assistant:
+prefix]``, ``logprobs: true`` and, when there is a prefix, the vLLM extensions
+``continue_final_message: true, add_generation_prompt: false`` so that the model
+continues the assistant turn (these two are sent even with ``extensions=False``:
+without them the server would start a new turn). The server applies its own
+template, so an *exact* continuation of partial steps then depends on the server
+(vLLM: yes; hosted APIs mostly lack the option, and those requests fail with the
+server's error in ``Step.error``).
+
+Steps
+-----
+- ``text`` keeps its stop string. vLLM reports it in ``stop_reason`` (and includes it
+  with ``include_stop_str_in_output``); if the text lacks it, it is re-appended.
+  A server that strips stop strings and has no ``stop_reason`` cannot tell a stop
+  string from end-of-sequence: a ``"stop"`` then counts as the (first) stop string.
+- ``finish_reason``: ``"length"`` → ``length``; ``"stop"`` with a stop string →
+  ``stop``; ``"stop"`` without one (end-of-sequence, or a stop *token*, i.e. an int
+  ``stop_reason``) → ``eos``; anything else (``abort``, ``content_filter``) → ``error``.
+- ``tokens``: the number of returned token log-probabilities (an end-of-sequence
+  token included, as in HFGenerator), else ``usage.completion_tokens`` split evenly.
+- ``logprob``: the sum of the returned token log-probabilities (vLLM returns the
+  model's raw log-probabilities, before temperature and top-p), else ``None``.
+- ``prompt_tokens`` (``usage.prompt_tokens``, summed over the HTTP requests that
+  served the request) and ``prefilled_tokens`` (``prompt − cached`` when the server
+  reports ``cached_tokens``, else ``None``) are on the first continuation only.
+
+``n > 1``: with ``n_per_request=None`` the generator assumes the server honours
+``n``; if it answers a 4xx whose message mentions ``n``, or returns fewer choices
+than asked (llama.cpp ignores ``n``), it switches for good to ``k`` parallel
+requests with seeds ``seed + j``. Likewise with ``extensions=True``, a 4xx naming
+one of the vLLM extension fields switches the extensions off for good.
+
+A request that fails after its retries does not raise: its continuations come back
+with ``finish_reason="error"``, empty text and ``error=str(BackendError)``, so those
+particles die and the run goes on. :meth:`OpenAIGenerator.check` fails fast instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..types import Capabilities, Step, StepRequest
+from .http import BackendError, EndpointPool, Reply
+from .loading import TOKENIZER_FILES, ModelLoadError, chat_prompt, load_tokenizer
+
+__all__ = ["BackendError", "OpenAIGenerator", "make_pool", "resolve_tokenizer"]
+
+#: vLLM request fields beyond the OpenAI API that this module may send.
+VLLM_EXTENSIONS = ("include_stop_str_in_output", "add_special_tokens", "continue_final_message", "add_generation_prompt")
+_MENTIONS_N = re.compile(r"(?<![\w-])['\"`]?n['\"`]?(?![\w-])|best_of", re.IGNORECASE)
+
+
+def make_pool(
+    base_url: str | Sequence[str] | EndpointPool,
+    *,
+    api_key: str | None = None,
+    max_concurrency: int = 64,
+    timeout: float = 60.0,
+    retries: int = 4,
+    transport: Any = None,
+) -> EndpointPool:
+    """An :class:`EndpointPool` from base URL(s); a pool passed in is used as it is."""
+    if isinstance(base_url, EndpointPool):
+        return base_url
+    return EndpointPool(base_url, api_key=api_key, max_concurrency=max_concurrency, timeout=timeout,
+                        retries=retries, transport=transport)
+
+
+def resolve_tokenizer(tokenizer: Any, model: str) -> Any:
+    """A tokenizer object from a path or object; with ``None``, the tokenizer of ``model``
+    when ``model`` names a local folder with tokenizer files (else ``None``)."""
+    if tokenizer is None:
+        folder = Path(str(model)).expanduser()
+        if not folder.is_dir() or not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            return None
+        tokenizer = folder
+    if isinstance(tokenizer, (str, os.PathLike)):
+        folder = Path(tokenizer).expanduser()
+        if not folder.is_dir():
+            raise ModelLoadError(folder, "no such directory (pass the tokenizer's folder or a tokenizer object)")
+        return load_tokenizer(folder)
+    return tokenizer
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """``total`` as ``parts`` integers that differ by at most one (the larger first)."""
+    q, r = divmod(int(total), parts)
+    return [q + (1 if j < r else 0) for j in range(parts)]
+
+
+def finish_of(choice: Mapping[str, Any], text: str, stops: Sequence[str]) -> tuple[str, str, str | None]:
+    """``(text with its stop string, finish_reason, error)`` for one returned choice."""
+    reason = choice.get("finish_reason")
+    if reason == "length":
+        return text, "length", None
+    if reason != "stop":
+        return "", "error", f"the server ended the completion with finish_reason={reason!r}"
+    if "stop_reason" in choice:  # vLLM: the stop string, a stop token id (int), or None (EOS)
+        stop = choice["stop_reason"]
+        if isinstance(stop, str) and stop:
+            return (text if text.endswith(stop) else text + stop), "stop", None
+        return text, "eos", None
+    if not stops:
+        return text, "eos", None
+    if any(text.endswith(s) for s in stops):
+        return text, "stop", None
+    return text + stops[0], "stop", None  # a server that strips stop strings and does not say which
+
+
+def _logprobs(choice: Mapping[str, Any]) -> list[float] | None:
+    """The sampled tokens' log-probabilities (completions or chat format), if returned."""
+    lp = choice.get("logprobs")
+    if not isinstance(lp, Mapping):
+        return None
+    if lp.get("token_logprobs") is not None:  # completions
+        return [float(v) for v in lp["token_logprobs"] if v is not None]
+    if lp.get("content") is not None:  # chat
+        return [float(item["logprob"]) for item in lp["content"]]
+    return None
+
+
+class OpenAIGenerator:
+    """A policy served over the OpenAI HTTP API (see the module docstring for the contract).
+
+    ``base_url`` is one API root (``http://host:8000/v1``), several (load-balanced), or
+    a ready :class:`~itscale.lm.http.EndpointPool` (then the HTTP options here are
+    ignored). ``model`` is the served model id. ``tokenizer`` (a folder or tokenizer
+    object) supplies the chat template; with ``None`` it is loaded from ``model`` if
+    that is a local folder. ``api`` is ``"auto"`` (completions when a tokenizer is
+    known, else chat), ``"completions"`` or ``"chat"``. ``extensions=False`` sends only
+    standard OpenAI fields. ``extra_body`` is merged into every request body.
+    ``n_parameters`` (the model's size) enables FLOP estimates.
+    """
+
+    def __init__(
+        self,
+        base_url: str | Sequence[str] | EndpointPool,
+        model: str,
+        *,
+        tokenizer: Any = None,
+        api_key: str | None = None,
+        max_concurrency: int = 64,
+        timeout: float = 60.0,
+        retries: int = 4,
+        n_per_request: bool | None = None,
+        system_prompt: str | None = None,
+        api: str = "auto",
+        extensions: bool = True,
+        extra_body: Mapping[str, Any] | None = None,
+        n_parameters: int | None = None,
+        transport: Any = None,
+    ):
+        if api not in ("auto", "completions", "chat"):
+            raise ValueError(f"api must be 'auto', 'completions' or 'chat', got {api!r}")
+        self.http = make_pool(base_url, api_key=api_key, max_concurrency=max_concurrency, timeout=timeout,
+                              retries=retries, transport=transport)
+        self.model = str(model)
+        self.tokenizer = resolve_tokenizer(tokenizer, self.model)
+        self.api = ("completions" if self.tokenizer is not None else "chat") if api == "auto" else api
+        self.system_prompt = system_prompt
+        self.extensions = bool(extensions)
+        self.extra_body = dict(extra_body or {})
+        self.n_per_request = n_per_request
+        self.capabilities = Capabilities(logprobs=True, n_per_request=n_per_request is not False,
+                                         prefix_cache=False, n_parameters=n_parameters)
+        self._prompts: dict[str, tuple[str, bool]] = {}
+
+    # -- public API -------------------------------------------------------------------
+    def context_text(self, prompt: str, prefix: str = "") -> str:
+        """The exact text sent as ``prompt`` to ``/completions`` (as HFGenerator.context_text)."""
+        return self._chat_prompt(prompt)[0] + prefix
+
+    async def generate_steps(self, requests: Sequence[StepRequest]) -> list[list[Step]]:
+        return list(await asyncio.gather(*(self._serve(r) for r in requests)))
+
+    async def check(self) -> dict[str, list[str]]:
+        """Fail fast (BackendError) if a server is unreachable or does not serve ``model``."""
+        return await self.http.check(self.model)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self) -> "OpenAIGenerator":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    # -- one request ------------------------------------------------------------------
+    def _chat_prompt(self, prompt: str) -> tuple[str, bool]:
+        hit = self._prompts.get(prompt)
+        if hit is None:
+            if len(self._prompts) > 4096:
+                self._prompts.clear()
+            hit = self._prompts[prompt] = chat_prompt(self.tokenizer, prompt, self.system_prompt)
+        return hit
+
+    async def _serve(self, request: StepRequest) -> list[Step]:
+        k = request.k
+        if k <= 0:
+            return []
+        parts: list[tuple[Reply | BackendError, int]] = []  # (reply or error, continuations it covers)
+        if k > 1 and self.n_per_request is not False:
+            try:
+                reply = await self._call(request, k, request.params.seed)
+            except BackendError as err:
+                if not self._rejects_n(err):
+                    return [self._error(err) for _ in range(k)]
+                self._learn_n(False)
+            else:
+                parts.append((reply, k))
+                got = len(reply.data.get("choices") or ())
+                if got >= k:
+                    self._learn_n(True)
+                else:  # the server ignored n (llama.cpp): ask for the rest one by one
+                    self._learn_n(False)
+        done = sum(min(len(p.data.get("choices") or ()), n) for p, n in parts if isinstance(p, Reply))
+        seed = request.params.seed
+        singles = await asyncio.gather(
+            *(self._call(request, 1, None if seed is None else seed + j) for j in range(done, k)),
+            return_exceptions=True,
+        )
+        for result in singles:
+            if isinstance(result, BaseException) and not isinstance(result, BackendError):
+                raise result
+            parts.append((result, 1))
+        return self._steps(request, parts)
+
+    def _rejects_n(self, err: BackendError) -> bool:
+        return err.status is not None and 400 <= err.status < 500 and bool(_MENTIONS_N.search(err.message))
+
+    def _learn_n(self, supported: bool) -> None:
+        if self.n_per_request is None or not supported:
+            self.n_per_request = supported
+            self.capabilities = replace(self.capabilities, n_per_request=supported)
+
+    async def _call(self, request: StepRequest, n: int, seed: int | None) -> Reply:
+        path = "completions" if self.api == "completions" else "chat/completions"
+        try:
+            return await self.http.post(path, self._body(request, n, seed))
+        except BackendError as err:
+            rejected = err.status is not None and 400 <= err.status < 500 and any(
+                name in err.message for name in VLLM_EXTENSIONS)
+            if not (rejected and self.extensions):
+                raise
+            self.extensions = False  # a strict server (e.g. a hosted API): standard fields only
+            return await self.http.post(path, self._body(request, n, seed))
+
+    def _body(self, request: StepRequest, n: int, seed: int | None) -> dict[str, Any]:
+        p = request.params
+        body: dict[str, Any] = {"model": self.model, "max_tokens": p.max_step_tokens,
+                                "temperature": p.temperature, "top_p": p.top_p, "n": n}
+        if seed is not None:
+            body["seed"] = int(seed)
+        if request.stop:
+            body["stop"] = list(request.stop)
+        if self.api == "completions":
+            text, special = self._chat_prompt(request.problem.prompt)
+            body["prompt"] = text + request.prefix
+            body["logprobs"] = 1
+            if self.extensions:
+                body["include_stop_str_in_output"] = True
+                if not special:
+                    body["add_special_tokens"] = False
+        else:
+            messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+            messages.append({"role": "user", "content": request.problem.prompt})
+            body["logprobs"] = True
+            if request.prefix:
+                messages.append({"role": "assistant", "content": request.prefix})
+                body["continue_final_message"], body["add_generation_prompt"] = True, False
+            body["messages"] = messages
+            if self.extensions:
+                body["include_stop_str_in_output"] = True
+        body.update(self.extra_body)
+        return body
+
+    # -- replies into steps -------------------------------------------------------------
+    def _steps(self, request: StepRequest, parts: list[tuple[Reply | BackendError, int]]) -> list[Step]:
+        steps: list[Step] = []
+        prompt, cached, all_cached = 0, 0, True
+        for part, n in parts:
+            if isinstance(part, BackendError):
+                steps.append(self._error(part))
+                continue
+            try:
+                new, usage = self._parse(part, request, n)
+            except (KeyError, IndexError, TypeError, ValueError) as err:
+                error = BackendError(part.endpoint, 200, f"unexpected response shape ({type(err).__name__}: {err})")
+                steps.extend(self._error(error) for _ in range(n))
+                continue
+            steps.extend(new)
+            prompt += int(usage.get("prompt_tokens") or 0)
+            details = usage.get("prompt_tokens_details")
+            if isinstance(details, Mapping) and details.get("cached_tokens") is not None:
+                cached += int(details["cached_tokens"])
+            else:
+                all_cached = False
+        steps = steps[: request.k]
+        prefilled = max(prompt - cached, 0) if all_cached and prompt else None
+        first = steps[0]
+        steps[0] = replace(first, prompt_tokens=prompt, prefilled_tokens=prefilled)
+        for j in range(1, len(steps)):
+            steps[j] = replace(steps[j], prompt_tokens=0, prefilled_tokens=None if prefilled is None else 0)
+        return steps
+
+    def _parse(self, reply: Reply, request: StepRequest, n: int) -> tuple[list[Step], Mapping[str, Any]]:
+        choices = sorted(reply.data["choices"], key=lambda c: c.get("index", 0))[:n]
+        usage = reply.data.get("usage") or {}
+        fallback = split_evenly(int(usage.get("completion_tokens") or 0), max(len(choices), 1))
+        steps = []
+        for choice, fallback_tokens in zip(choices, fallback):
+            text = choice["text"] if self.api == "completions" else choice["message"]["content"]
+            text, finish, error = finish_of(choice, text or "", request.stop)
+            lps = _logprobs(choice)
+            tokens = len(lps) if lps is not None else fallback_tokens
+            logprob = float(sum(lps)) if lps is not None else None
+            if error is not None:
+                steps.append(Step("", tokens, finish_reason="error", error=f"{reply.endpoint}: {error}"))
+            else:
+                steps.append(Step(text, tokens, logprob=logprob, finish_reason=finish))
+        return steps, usage
+
+    @staticmethod
+    def _error(err: BackendError) -> Step:
+        return Step("", 0, finish_reason="error", error=str(err))
