@@ -153,9 +153,11 @@ All settings (defaults in brackets):
     problems:  source [arithmetic:medium] (or a .jsonl/.parquet file with problem, answer, id, level),
                template [boxed for files] (plain | boxed | steps | a string with {problem}),
                limit, on_bad_row [fail] (fail | skip)
-    policy:    model [embedded] (or a Hugging Face folder), temperature [0.8], top_p [1.0],
-               max_step_tokens [48], threads, max_batch [256]
-    prm:       model [embedded] (or a folder, or none), kind [tag] (tag | classifier), max_batch [128]
+    policy:    model [embedded] (or a Hugging Face folder, or an http(s):// OpenAI-compatible URL),
+               temperature [0.8], top_p [1.0], max_step_tokens [48], threads, max_batch [256],
+               served_model and tokenizer (for URLs: the served name, a local tokenizer folder)
+    prm:       model [embedded] (or a folder, a URL, or none), kind [tag] (tag | classifier),
+               max_batch [128], served_model, tokenizer
     format:    arithmetic | math | {delimiter, answer_markers, max_steps}   [arithmetic]
     methods:   a list of {name, label, params, budgets}; `itscale bench --methods` lists them
     budgets [1,2,4,8,16], seeds [0], concurrency [128], subsets [64], output [itscale-bench]
@@ -223,7 +225,8 @@ def _run_bench(config, title: str) -> int:
 def _demo(ns: argparse.Namespace) -> int:
     from .bench.demo import demo_config
 
-    return _run_bench(demo_config(output=ns.output, problems=ns.problems), "itscale demo")
+    config = demo_config(output=ns.output, problems=ns.problems, policy=ns.policy, prm=ns.prm)
+    return _run_bench(config, "itscale demo")
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -237,8 +240,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budgets", type=int, nargs="+", help="overrides `budgets`")
     p.add_argument("--seeds", type=int, nargs="+", help="overrides `seeds`")
     p.add_argument("--concurrency", type=int, help="problems in flight at once")
-    p.add_argument("--policy", help="policy model folder (overrides `policy.model`)")
-    p.add_argument("--prm", help="PRM folder or 'none' (overrides `prm.model`)")
+    p.add_argument("--policy", help="policy folder or http(s):// URL (overrides `policy.model`)")
+    p.add_argument("--prm", help="PRM folder, http(s):// URL, or 'none' (overrides `prm.model`)")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("demo", help="the embedded demo: 7 methods x budgets 1-16 on 100 held-out problems",
@@ -247,6 +250,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                                    "and PRM; prints the table and writes plots and an HTML report.")
     p.add_argument("--output", default="itscale-demo", help="output folder [itscale-demo]")
     p.add_argument("--problems", type=int, default=100, help="held-out problems [100]")
+    p.add_argument("--policy", default="embedded",
+                   help="policy: 'embedded', a folder, or an OpenAI-compatible URL serving the embedded policy")
+    p.add_argument("--prm", default="embedded", help="PRM: 'embedded', a folder, or a URL serving the embedded PRM")
     p.set_defaults(func=_demo)
 
 

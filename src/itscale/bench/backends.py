@@ -1,7 +1,11 @@
 """Policy and reward backends named by a bench configuration, plus wall-time accounting.
 
-``model: embedded`` is the model pair shipped in :mod:`itscale.zoo`; any other value
-is a local Hugging Face folder. Loading is deferred until a sweep has work to do.
+``model: embedded`` is the model pair shipped in :mod:`itscale.zoo`; an ``http(s)://``
+URL is an OpenAI-compatible server (vLLM, llama.cpp, ...) used through
+:class:`~itscale.lm.openai.OpenAIGenerator` / :class:`~itscale.rewards.remote.RemoteTagPRM`;
+any other value is a local Hugging Face folder. Loading is deferred until a sweep has
+work to do, and an HTTP server that is unreachable or does not serve the model fails
+here, before any work starts.
 """
 
 from __future__ import annotations
@@ -17,10 +21,32 @@ def model_path(model: str, embedded: Path) -> Path:
     return embedded if model == "embedded" else Path(model).expanduser()
 
 
-def _check_local(model: str, field: str) -> None:
-    if model.startswith(("http://", "https://")):
-        raise ValueError(f"{field}: {model!r} is an HTTP endpoint; this version of itscale serves local "
-                         "Hugging Face folders (or 'embedded') only")
+def served_model(url: str, wanted: str | None, field: str) -> str:
+    """The model id to request from ``url``: ``wanted`` if the server serves it, else the only one."""
+    import httpx
+
+    base = url.rstrip("/")
+    base = base if base.endswith("/v1") else base + "/v1"
+    try:
+        reply = httpx.get(base + "/models", timeout=10.0)
+        reply.raise_for_status()
+        ids = [m["id"] for m in reply.json().get("data", [])]
+    except (httpx.HTTPError, ValueError, KeyError) as err:
+        raise ValueError(f"{field}: cannot list the models of {base} ({type(err).__name__}: {err}); "
+                         "is the server running?") from None
+    if wanted is not None:
+        if wanted not in ids:
+            raise ValueError(f"{field}: {base} does not serve {wanted!r}; it serves {ids}")
+        return wanted
+    if len(ids) != 1:
+        raise ValueError(f"{field}: {base} serves {ids}; set served_model to choose one")
+    return ids[0]
+
+
+def _tokenizer_for(cfg, name: str, embedded: Path) -> str | None:
+    if cfg.tokenizer:
+        return str(model_path(cfg.tokenizer, embedded))
+    return name if Path(name).is_dir() else None
 
 
 class Timed:
@@ -71,14 +97,29 @@ def load_backends(config: BenchConfig) -> Backends:
 
     if config.policy.threads:
         torch.set_num_threads(config.policy.threads)
-    _check_local(config.policy.model, "policy.model")
-    policy_dir = model_path(config.policy.model, zoo.policy_path())
     fmt = config.step_format()
-    policy = HFGenerator.from_pretrained(policy_dir, max_batch=config.policy.max_batch)
-    description = {"policy": str(policy_dir)}
+    if config.policy.is_http:
+        from ..lm.openai import OpenAIGenerator
+
+        name = served_model(config.policy.model, config.policy.served_model, "policy.model")
+        policy = OpenAIGenerator(config.policy.model, name,
+                                 tokenizer=_tokenizer_for(config.policy, name, zoo.policy_path()))
+        description = {"policy": f"{config.policy.model} ({name})"}
+    else:
+        policy_dir = model_path(config.policy.model, zoo.policy_path())
+        policy = HFGenerator.from_pretrained(policy_dir, max_batch=config.policy.max_batch)
+        description = {"policy": str(policy_dir)}
     prm = None
-    if config.prm.enabled:
-        _check_local(config.prm.model, "prm.model")
+    if config.prm.enabled and config.prm.is_http:
+        from ..rewards.remote import RemoteTagPRM
+
+        if config.prm.kind != "tag":
+            raise ValueError("prm.kind: an HTTP PRM is scored by prompt log-probabilities, so kind must be 'tag'")
+        name = served_model(config.prm.model, config.prm.served_model, "prm.model")
+        prm = Timed(RemoteTagPRM(config.prm.model, name, tokenizer=_tokenizer_for(config.prm, name, zoo.prm_path()),
+                                 delimiter=fmt.delimiter))
+        description["prm"] = f"{config.prm.model} ({name})"
+    elif config.prm.enabled:
         prm_dir = model_path(config.prm.model, zoo.prm_path())
         cls = HFTagPRM if config.prm.kind == "tag" else HFClassifierPRM
         prm = Timed(cls.from_pretrained(prm_dir, delimiter=fmt.delimiter, max_batch=config.prm.max_batch))

@@ -60,8 +60,20 @@ class ProblemsConfig(_Strict):
     on_bad_row: Literal["fail", "skip"] = Field("fail", description="what a malformed row does")
 
 
-class PolicyConfig(_Strict):
-    model: str = Field("embedded", description="'embedded' or a local Hugging Face folder")
+class _Backend(_Strict):
+    """Where a model lives: 'embedded', a local Hugging Face folder, or an OpenAI-compatible URL."""
+
+    served_model: str | None = Field(None, description="model name on the server (default: the only one it serves)")
+    tokenizer: str | None = Field(None, description="local folder with the tokenizer/chat template for an HTTP "
+                                                    "model (default: the served name when it is a local folder)")
+
+    @property
+    def is_http(self) -> bool:
+        return self.model.startswith(("http://", "https://"))
+
+
+class PolicyConfig(_Backend):
+    model: str = Field("embedded", description="'embedded', a local Hugging Face folder, or an http(s):// URL")
     temperature: float = Field(0.8, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_step_tokens: int = Field(48, ge=1, description="token limit of one step")
@@ -72,8 +84,9 @@ class PolicyConfig(_Strict):
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_step_tokens=self.max_step_tokens)
 
 
-class PRMConfig(_Strict):
-    model: str = Field("embedded", description="'embedded', a local Hugging Face folder, or 'none'")
+class PRMConfig(_Backend):
+    model: str = Field("embedded", description="'embedded', a local Hugging Face folder, an http(s):// URL, "
+                                               "or 'none'")
     kind: Literal["tag", "classifier"] = Field("tag", description="how the folder scores steps")
     max_batch: int = Field(128, ge=1, description="sequences scored together")
 

@@ -14,11 +14,14 @@ from .config import BenchConfig, validate_config
 BUDGETS = [1, 2, 4, 8, 16]
 
 
-def demo_config(output: str = "itscale-demo", problems: int = 100) -> BenchConfig:
+def demo_config(output: str = "itscale-demo", problems: int = 100, policy: str = "embedded",
+                prm: str = "embedded") -> BenchConfig:
+    """The demo's configuration; ``policy``/``prm`` may name folders or OpenAI-compatible URLs
+    serving the embedded models (e.g. vLLM)."""
     return validate_config({
         "problems": {"source": f"arithmetic:{zoo.DEFAULT_LEVEL}", "limit": problems},
-        "policy": {"model": "embedded", "temperature": 0.8},
-        "prm": {"model": "embedded"},
+        "policy": {"model": policy, "temperature": 0.8},
+        "prm": {"model": prm},
         "format": "arithmetic",
         "methods": [
             {"name": "greedy"},
