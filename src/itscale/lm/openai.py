@@ -73,13 +73,22 @@ from typing import Any, Mapping, Sequence
 
 from ..types import Capabilities, Step, StepRequest
 from .http import BackendError, EndpointPool, Reply
-from .loading import TOKENIZER_FILES, ModelLoadError, chat_prompt, load_tokenizer
+from .loading import TOKENIZER_FILES, ModelLoadError, chat_prompt, encode, load_tokenizer
 
 __all__ = ["BackendError", "OpenAIGenerator", "make_pool", "resolve_tokenizer"]
 
 #: vLLM request fields beyond the OpenAI API that this module may send.
 VLLM_EXTENSIONS = ("include_stop_str_in_output", "add_special_tokens", "continue_final_message", "add_generation_prompt")
 _MENTIONS_N = re.compile(r"(?<![\w-])['\"`]?n['\"`]?(?![\w-])|best_of", re.IGNORECASE)
+#: A server's context length in its 400 reply: vLLM 0.32 ("max_tokens=480 cannot be greater than
+#: max_model_len=256") and the OpenAI / older vLLM wording ("maximum context length is 256 tokens").
+_CONTEXT_LENGTH = re.compile(r"max_model_len\s*=?\s*(\d+)|maximum context length is (\d+)", re.IGNORECASE)
+
+
+def context_length(err: BackendError) -> int | None:
+    """The context length a 400 reply names, if any."""
+    match = _CONTEXT_LENGTH.search(err.message) if err.status == 400 else None
+    return int(match.group(1) or match.group(2)) if match else None
 
 
 def make_pool(
@@ -196,6 +205,7 @@ class OpenAIGenerator:
         self.capabilities = Capabilities(logprobs=True, n_per_request=n_per_request is not False,
                                          prefix_cache=False, n_parameters=n_parameters)
         self._prompts: dict[str, tuple[str, bool]] = {}
+        self.context_length: int | None = None  # learnt from a server that rejected max_tokens
 
     # -- public API -------------------------------------------------------------------
     def context_text(self, prompt: str, prefix: str = "") -> str:
@@ -271,6 +281,12 @@ class OpenAIGenerator:
         try:
             return await self.http.post(path, self._body(request, n, seed))
         except BackendError as err:
+            limit = context_length(err)
+            if limit is not None and (self.context_length is None or limit < self.context_length):
+                # max_tokens past the model's context (e.g. a whole solution of max_steps steps):
+                # ask for what fits, as HFGenerator stops at the last position ("length").
+                self.context_length = limit
+                return await self._call(request, n, seed)
             rejected = err.status is not None and 400 <= err.status < 500 and any(
                 name in err.message for name in VLLM_EXTENSIONS)
             if not (rejected and self.extensions):
@@ -280,7 +296,7 @@ class OpenAIGenerator:
 
     def _body(self, request: StepRequest, n: int, seed: int | None) -> dict[str, Any]:
         p = request.params
-        body: dict[str, Any] = {"model": self.model, "max_tokens": p.max_step_tokens,
+        body: dict[str, Any] = {"model": self.model, "max_tokens": self._max_tokens(request),
                                 "temperature": p.temperature, "top_p": p.top_p, "n": n}
         if seed is not None:
             body["seed"] = int(seed)
@@ -306,6 +322,17 @@ class OpenAIGenerator:
                 body["include_stop_str_in_output"] = True
         body.update(self.extra_body)
         return body
+
+    def _max_tokens(self, request: StepRequest) -> int:
+        """``max_step_tokens``, capped to what the context leaves once the server's length is known."""
+        wanted = request.params.max_step_tokens
+        if self.context_length is None:
+            return wanted
+        room = self.context_length
+        if self.api == "completions" and self.tokenizer is not None:
+            text, special = self._chat_prompt(request.problem.prompt)
+            room -= len(encode(self.tokenizer, text + request.prefix, add_special_tokens=special))
+        return max(1, min(wanted, room))
 
     # -- replies into steps -------------------------------------------------------------
     def _steps(self, request: StepRequest, parts: list[tuple[Reply | BackendError, int]]) -> list[Step]:

@@ -1,0 +1,348 @@
+"""The OpenAI-compatible backends against real vLLM servers for the embedded models.
+
+One vLLM server for the policy and one for the PRM (started together, once per
+module; all tests in one xdist group, so ``pytest -n auto --dist loadgroup`` runs
+them on one worker). What is checked:
+
+- the step contract on a real server (stop strings, finish reasons, token counts,
+  ``n > 1``), and exact agreement with the local Hugging Face backends: greedy step
+  text and log-probability vs :class:`HFGenerator`, PRM scores vs :class:`HFTagPRM`;
+- particle filtering end to end through ``run_many``, and ``itscale bench`` with
+  ``http://`` policy and PRM;
+- fault handling through :class:`servers.FaultProxy` (5xx, delays past the client
+  timeout, dropped connections: retried; persistent failures: the particles die and
+  the run still returns), and ``check()`` failing fast on a bad endpoint or model.
+
+Needs ``.venv-vllm`` (``make test`` creates it); ``ITSCALE_SKIP_VLLM=1`` skips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import math
+import time
+
+import pytest
+
+pytest.importorskip("httpx")
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from servers import FaultProxy, free_port, prm_dir, require_vllm, start_vllms  # noqa: E402
+
+from itscale import zoo  # noqa: E402
+from itscale.lm import BackendError, EndpointPool, HFGenerator, OpenAIGenerator  # noqa: E402
+from itscale.lm.loading import chat_prompt, encode  # noqa: E402
+from itscale.rewards import HFTagPRM  # noqa: E402
+from itscale.rewards.remote import RemoteTagPRM  # noqa: E402
+from itscale.strategies import make_strategy, run_many  # noqa: E402
+from itscale.tasks import arithmetic  # noqa: E402
+from itscale.types import SamplingParams, ScoreRequest, Step, StepRequest  # noqa: E402
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("vllm")]
+
+POLICY = zoo.policy_path()
+PRM = prm_dir()
+STOP = (arithmetic.DELIMITER,)
+PROBLEMS = arithmetic.eval_set("medium")
+PF_SAMPLING = SamplingParams(temperature=0.8, max_step_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def servers():
+    """The policy and PRM vLLM servers, started together, stopped after the module."""
+    require_vllm()
+    with start_vllms(POLICY, PRM) as (policy, prm):
+        print(f"vLLM ready: policy {policy.ready_after:.0f} s, PRM {prm.ready_after:.0f} s")
+        yield policy, prm
+
+
+@pytest.fixture(scope="module")
+def policy_url(servers):
+    return servers[0].url
+
+
+@pytest.fixture(scope="module")
+def prm_url(servers):
+    return servers[1].url
+
+
+@pytest.fixture(autouse=True)
+def servers_survive(request):
+    """After each test that used the servers: fail it, with the server's log, if one died."""
+    yield
+    if "servers" in request.fixturenames:
+        for server in request.getfixturevalue("servers"):
+            server.check_alive()
+
+
+@pytest.fixture(scope="module")
+def hf_policy():
+    torch.set_num_threads(1)
+    return HFGenerator.from_pretrained(POLICY, run_in_thread=False)
+
+
+@pytest.fixture(scope="module")
+def hf_prm():
+    torch.set_num_threads(1)
+    return HFTagPRM.from_pretrained(PRM, delimiter=arithmetic.DELIMITER, run_in_thread=False)
+
+
+def policy(url: str, **http) -> OpenAIGenerator:
+    """A generator for the embedded policy (tokenizer from the served folder); fast backoff."""
+    return OpenAIGenerator(EndpointPool(url, backoff_base=0.01, **http), str(POLICY))
+
+
+def prm(url: str, **http) -> RemoteTagPRM:
+    return RemoteTagPRM(EndpointPool(url, backoff_base=0.01, **http), str(PRM), delimiter=arithmetic.DELIMITER)
+
+
+def reference(problem) -> list[str]:
+    """The correct solution's steps, each with its delimiter."""
+    return [s + arithmetic.DELIMITER for s in arithmetic.reference_steps(*arithmetic.parse_prompt(problem.prompt))]
+
+
+def request(problem, steps=(), k=1, temperature=0.0, max_tokens=24, seed=None) -> StepRequest:
+    params = SamplingParams(temperature=temperature, max_step_tokens=max_tokens, seed=seed)
+    return StepRequest(problem, tuple(Step(s) for s in steps), k, params, STOP)
+
+
+def generate(gen: OpenAIGenerator, requests):
+    async def go():
+        async with gen:
+            return await gen.generate_steps(requests)
+
+    return asyncio.run(go())
+
+
+def score(scorer: RemoteTagPRM, requests):
+    async def go():
+        async with scorer:
+            return await scorer.score_steps(requests)
+
+    return asyncio.run(go())
+
+
+def run_pf(gen, scorer, problems, budget):
+    """Particle filtering over ``problems`` through ``run_many``; closes the clients."""
+    strategy = make_strategy("particle_filtering", gen, scorer, format=arithmetic.STEP_FORMAT, sampling=PF_SAMPLING)
+
+    async def go():
+        try:
+            return await run_many(strategy, problems, budget, seed=0)
+        finally:
+            await gen.aclose()
+            await scorer.aclose()
+
+    return asyncio.run(go())
+
+
+# -- the step contract --------------------------------------------------------------------
+
+def test_steps_end_at_the_delimiter(policy_url):
+    problems = PROBLEMS[:3]
+    gen = policy(policy_url)
+    firsts = [request(p) for p in problems]
+    later = [request(p, reference(p)[:2]) for p in problems]
+    final = [request(p, reference(p)[:-1]) for p in problems]  # the answer line comes next, then <|end|>
+    short = [request(p, max_tokens=3) for p in problems]
+    out = generate(gen, firsts + later + final + short)
+    n = len(problems)
+    for (step,), req in zip(out[: 2 * n], firsts + later):
+        assert step.finish_reason == "stop" and step.error is None
+        assert step.text.endswith("\n") and step.text.count("\n") == 1
+        assert arithmetic.is_well_formed_step(step.text.strip())
+        assert step.tokens == len(step.text)  # one character per token, the stop string included
+        text, special = chat_prompt(gen.tokenizer, req.problem.prompt)
+        expected_prompt = len(encode(gen.tokenizer, text + req.prefix, add_special_tokens=special))
+        assert step.prompt_tokens == expected_prompt
+    for (step,) in out[2 * n: 3 * n]:
+        assert step.finish_reason == "eos" and step.text.startswith(arithmetic.ANSWER_PREFIX.strip())
+        assert step.tokens == len(step.text) + 1  # the end-of-sequence token counts, but is not in the text
+    for (step,) in out[3 * n:]:
+        assert step.finish_reason == "length" and step.tokens == 3 and len(step.text) == 3
+
+
+def test_n_samples_per_request(policy_url):
+    gen = policy(policy_url)
+    ((*steps,),) = generate(gen, [request(PROBLEMS[0], k=8, temperature=1.5, seed=3)])
+    assert len(steps) == 8 and all(s.error is None and s.tokens > 0 for s in steps)
+    assert len({s.text for s in steps}) >= 3  # diverse at temperature 1.5
+    assert gen.http.usage.requests == 1 and gen.capabilities.n_per_request  # one request with n=8
+    assert steps[0].prompt_tokens > 0 and all(s.prompt_tokens == 0 for s in steps[1:])
+
+
+def test_whole_solutions_longer_than_the_context_are_capped(policy_url):
+    """A pooled method asks for max_step_tokens × max_steps tokens (48 × 10, the bench's default) in
+    one request, more than the embedded policy's 256 positions: like HFGenerator, the client
+    should get what fits (finish ``eos`` or ``length``), not an error."""
+    whole = StepRequest(PROBLEMS[0], (), 2, SamplingParams(temperature=0.8, max_step_tokens=480, seed=0), ())
+    ((*steps,),) = generate(policy(policy_url), [whole])
+    assert all(s.error is None and s.finish_reason in ("eos", "length") for s in steps), steps[0].error
+
+
+def test_greedy_steps_match_hf_generator(policy_url, hf_policy):
+    requests = []
+    for p in PROBLEMS[:4]:
+        ref = reference(p)
+        requests += [request(p, ref[:t]) for t in (0, 1, 3, len(ref) - 1)]
+    remote = generate(policy(policy_url), requests)
+    local = hf_policy.generate_steps_sync(requests)
+    for req, (r,), (h,) in zip(requests, remote, local):
+        assert (r.text, r.finish_reason, r.tokens) == (h.text, h.finish_reason, h.tokens), req.prefix
+        assert r.logprob == pytest.approx(h.logprob, abs=1e-3)
+
+
+def test_remote_prm_matches_hf_prm(prm_url, hf_prm):
+    requests = []
+    for p in PROBLEMS[:4]:
+        ref = reference(p)
+        wrong = ref[0].replace("=", "=1", 1)  # a wrong first result
+        requests += [ScoreRequest(p, tuple(ref)), ScoreRequest(p, (wrong, *ref[1:3])), ScoreRequest(p, tuple(ref[:1]))]
+    scorer = prm(prm_url)
+    remote = score(scorer, requests)
+    local = hf_prm.score_steps_sync(requests)
+    for r, h in zip(remote, local):
+        assert len(r.scores) == len(h.scores)
+        assert r.scores == pytest.approx(h.scores, abs=1e-3)
+    assert scorer.stats.failed_steps == 0 and scorer.stats.bounded_steps == 0
+    assert all(r.tokens > 0 for r in remote[:2])
+
+
+# -- a strategy end to end ------------------------------------------------------------------
+
+def test_particle_filtering_end_to_end(policy_url, prm_url):
+    problems = PROBLEMS[:8]
+    gen, scorer = policy(policy_url), prm(prm_url)
+    results = run_pf(gen, scorer, problems, budget=8)
+    assert [r.status for r in results] == ["ok"] * len(problems), [r.message for r in results]
+    assert all(r.answer is not None for r in results)
+    correct = sum(arithmetic.is_correct(r.problem, r.solution) for r in results)
+    assert correct > 0
+    for r in results:
+        assert r.cost.generated_tokens > 0 and r.cost.prompt_tokens > 0 and r.cost.prm_tokens > 0
+        assert r.cost.policy_calls > 0 and r.cost.prm_calls > 0
+    assert gen.http.usage.failures == 0 and scorer.stats.failed_steps == 0
+    generated = sum(r.cost.generated_tokens for r in results)
+    assert generated <= gen.http.usage.completion_tokens  # every counted token came from the server
+
+
+# -- faults -----------------------------------------------------------------------------------
+
+def test_transient_server_errors_are_retried(policy_url, prm_url):
+    problems = PROBLEMS[8:10]
+    with FaultProxy(policy_url) as pp, FaultProxy(prm_url) as rp:
+        pp.fail_next(3)
+        rp.fail_next(2, status=503)
+        gen, scorer = policy(pp.url), prm(rp.url)
+        results = run_pf(gen, scorer, problems, budget=4)
+    assert all(r.ok and r.answer is not None for r in results), [r.message for r in results]
+    assert (pp.failed, rp.failed) == (3, 2)
+    assert gen.http.usage.retries == 3 and scorer.http.usage.retries == 2
+    assert gen.http.usage.failures == 0 and scorer.stats.failed_steps == 0
+
+
+@pytest.mark.parametrize("broken", ["policy", "prm"])
+def test_persistent_failures_kill_particles_not_the_run(policy_url, prm_url, broken):
+    problems = PROBLEMS[10:12]
+    with FaultProxy(policy_url) as pp, FaultProxy(prm_url) as rp:
+        (pp if broken == "policy" else rp).fail_next(math.inf)
+        gen, scorer = policy(pp.url, retries=1), prm(rp.url, retries=1)
+        results = run_pf(gen, scorer, problems, budget=4)  # no exception escapes
+    assert len(results) == len(problems)
+    assert [r.status for r in results] == ["all_dead"] * len(problems), [r.message for r in results]
+    if broken == "policy":
+        assert pp.failed >= 2 * len(problems) and pp.forwarded == 0  # one retry per request
+        assert gen.http.usage.failures >= len(problems)
+    else:
+        assert rp.failed >= 2 and rp.forwarded == 0
+        assert scorer.stats.failed_steps > 0 and "HTTP 500" in scorer.stats.last_error
+
+
+def test_slow_replies_time_out_and_are_retried(policy_url, prm_url):
+    problem = PROBLEMS[12]
+    with FaultProxy(policy_url) as pp, FaultProxy(prm_url) as rp:
+        pp.delay_next(2, 6.0)
+        rp.delay_next(1, 6.0)
+        gen, scorer = policy(pp.url, timeout=2.0), prm(rp.url, timeout=2.0)
+        t = time.perf_counter()
+        ((step,),) = generate(gen, [request(problem)])
+        (scores,) = score(scorer, [ScoreRequest(problem, (step.text,))])
+        elapsed = time.perf_counter() - t
+    assert step.error is None and step.finish_reason == "stop"
+    assert not math.isnan(scores.scores[0])
+    assert pp.delayed == 2 and rp.delayed == 1
+    assert gen.http.usage.retries >= 2 and scorer.http.usage.retries >= 1
+    assert elapsed < 12  # the client gave up after 2 s each time, it did not wait out the delays
+
+
+def test_dropped_connections_are_retried(policy_url, prm_url):
+    problem = PROBLEMS[13]
+    with FaultProxy(policy_url) as pp, FaultProxy(prm_url) as rp:
+        pp.drop_next(2)
+        rp.drop_next(2)
+        gen, scorer = policy(pp.url), prm(rp.url)
+        ((*steps,),) = generate(gen, [request(problem, k=2, temperature=0.8, seed=0)])
+        (scores,) = score(scorer, [ScoreRequest(problem, tuple(reference(problem)))])
+    assert all(s.error is None and s.finish_reason == "stop" for s in steps)
+    assert not any(math.isnan(s) for s in scores.scores)
+    assert (pp.dropped, rp.dropped) == (2, 2)
+    assert gen.http.usage.retries == 2 and scorer.http.usage.retries == 2
+
+
+# -- fail fast ----------------------------------------------------------------------------------
+
+def check(client) -> tuple[BackendError, float]:
+    async def go():
+        async with client:
+            await client.check()
+
+    t = time.perf_counter()
+    with pytest.raises(BackendError) as info:
+        asyncio.run(go())
+    return info.value, time.perf_counter() - t
+
+
+def test_check_fails_fast_on_an_unreachable_server():
+    port = free_port()
+    for client in (policy(f"http://127.0.0.1:{port}/v1"), prm(f"http://127.0.0.1:{port}/v1")):
+        err, elapsed = check(client)
+        assert elapsed < 5
+        assert err.status is None and f"127.0.0.1:{port}/v1/models" in str(err)
+        assert "cannot reach the server" in str(err) and "is the server running" in str(err)
+
+
+def test_check_fails_fast_on_a_model_the_server_does_not_serve(policy_url, prm_url):
+    clients = (OpenAIGenerator(policy_url, "no-such-model", tokenizer=POLICY),
+               RemoteTagPRM(prm_url, "no-such-model", tokenizer=PRM))
+    for client, served in zip(clients, (POLICY, PRM)):
+        err, elapsed = check(client)
+        assert elapsed < 5
+        assert "'no-such-model' is not served here" in str(err) and str(served) in str(err)
+
+
+# -- itscale bench ------------------------------------------------------------------------------
+
+def test_bench_with_http_policy_and_prm(policy_url, prm_url, tmp_path):
+    from rich.console import Console
+
+    from itscale.bench.config import validate_config
+    from itscale.bench.run import run_bench
+
+    config = validate_config({
+        "problems": {"source": "arithmetic:medium", "limit": 5},
+        "policy": {"model": policy_url, "max_step_tokens": 24},
+        "prm": {"model": prm_url},
+        "methods": [{"name": "self_consistency"}, {"name": "particle_filtering"}],
+        "budgets": [2],
+        "output": str(tmp_path / "bench"),
+    })
+    console = Console(file=io.StringIO(), width=140)
+    outcome = run_bench(config, console)
+    log = console.file.getvalue()
+    assert [(r.method, r.budget, r.n, r.errors) for r in outcome.rows] == [
+        ("self_consistency", 2, 5, 0), ("particle_filtering", 2, 5, 0)], log
+    assert all(r.generated_tokens > 0 for r in outcome.rows)
+    assert outcome.rows[1].prm_tokens > 0
+    assert (outcome.folder / "report.html").is_file()

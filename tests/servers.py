@@ -1,0 +1,417 @@
+"""Test support: real vLLM servers for the embedded models, and a fault-injecting proxy.
+
+:func:`start_vllm` (or :class:`VLLMServer`, to start several at once) runs vLLM's
+OpenAI-compatible server on CPU from its own virtual environment, ``ROOT/.venv-vllm``
+(``make test`` creates it; design 10), for a local Hugging Face folder::
+
+    with start_vllm(zoo.policy_path()) as url:      # "http://127.0.0.1:P/v1"
+        OpenAIGenerator(url, str(zoo.policy_path()))
+
+The server binds to loopback on a free port, runs under ``nice`` in its own process
+group (vLLM forks an engine core and a worker), logs to a temporary file, and is
+ready once ``GET /v1/models`` answers. On exit the whole process group is stopped
+(SIGTERM, then SIGKILL after 20 s); an ``atexit`` hook does the same if the context
+is never left normally, so servers never outlive the test run.
+
+Tests call :func:`require_vllm` first: it skips when ``ITSCALE_SKIP_VLLM=1`` and
+fails (telling to run ``make test``) when the vLLM environment is missing.
+
+:class:`FaultProxy` is a small threaded HTTP proxy in front of a base URL, with
+switchable faults (``fail_next``, ``delay_next``, ``drop_next``) and counters.
+
+This module is imported by the integration tests (``tests/`` is on ``sys.path``
+there) and by ``benchmarks/http_backend.py``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator, Sequence
+from urllib.parse import urlsplit
+
+import httpx
+
+__all__ = ["FaultProxy", "VLLMServer", "VLLMUnavailable", "free_port", "prm_dir", "require_vllm", "start_vllm",
+           "start_vllms"]
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_VENV = ROOT / ".venv-vllm"
+VLLM_PYTHON = VLLM_VENV / "bin" / "python"
+SKIP_ENV = "ITSCALE_SKIP_VLLM"
+
+#: The environment of every vLLM server (design 10), on top of ours. ``nobind`` leaves
+#: OpenMP threads unpinned (vLLM's automatic binding computes the same cores for every
+#: server, reserving one for its scheduler); one OpenMP thread, since the tiny models
+#: gain nothing from more and spinning threads would starve the other server and the
+#: tests on a 2-core machine.
+VLLM_ENV = {
+    "VLLM_HOST_IP": "127.0.0.1",
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "OMP_NUM_THREADS": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+}
+#: Server flags beyond design 10. ``--no-enable-chunked-prefill``: vllm-cpu 0.32.0's worker
+#: crashes (``RuntimeError: CPU Generator does not use offset``, and the whole server
+#: exits) when a *seeded* request's prefill is split across scheduler steps, which
+#: happens as soon as a batch's prompts exceed the token budget (e.g. 64 particles).
+VLLM_ARGS = ("--enforce-eager", "--dtype", "float32", "--no-enable-chunked-prefill", "--disable-uvicorn-access-log")
+START_TIMEOUT = 600.0
+STOP_GRACE = 20.0
+POLL = 0.5
+
+
+class VLLMUnavailable(RuntimeError):
+    """The vLLM virtual environment is missing."""
+
+
+def vllm_missing_message() -> str:
+    return (f"vLLM is not installed at {VLLM_VENV}: run `make test` (it creates that virtual environment), "
+            f"or set {SKIP_ENV}=1 to skip the real-server tests")
+
+
+def require_vllm() -> Path:
+    """The vLLM interpreter; skips the test when ``ITSCALE_SKIP_VLLM=1``, fails it when vLLM is missing."""
+    import pytest
+
+    if os.environ.get(SKIP_ENV) == "1":
+        pytest.skip(f"{SKIP_ENV}=1: real-server tests skipped")
+    if not VLLM_PYTHON.exists():
+        pytest.fail(vllm_missing_message(), pytrace=False)
+    return VLLM_PYTHON
+
+
+def prm_dir() -> Path:
+    """The embedded PRM folder."""
+    from itscale import zoo
+
+    return zoo.prm_path()
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VLLMServer:
+    """One vLLM OpenAI-compatible server process group (see the module docstring).
+
+    ``start()`` launches it and returns at once; ``wait_ready()`` blocks until it
+    answers; ``stop()`` ends the whole process group. Several servers can be started
+    before waiting on any, so their start-ups overlap.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, *, port: int | None = None, nice: int = 10,
+                 extra_args: Sequence[str] = (), python: str | os.PathLike | None = None):
+        self.model_dir = Path(model_dir)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.nice, self.extra_args = nice, list(extra_args)
+        self.python = Path(python) if python is not None else VLLM_PYTHON
+        self.process: subprocess.Popen | None = None
+        self.log_path: Path | None = None
+        self.started_at = self.ready_after = None
+
+    def command(self) -> list[str]:
+        cmd = [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
+               "--host", "127.0.0.1", "--port", str(self.port), *VLLM_ARGS, *self.extra_args]
+        nice = shutil.which("nice")
+        return [nice, "-n", str(self.nice), *cmd] if self.nice and nice else cmd
+
+    def start(self) -> "VLLMServer":
+        if not self.python.exists():
+            raise VLLMUnavailable(vllm_missing_message())
+        if not (self.model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{self.model_dir} is not a Hugging Face model folder (no config.json)")
+        fd, log = tempfile.mkstemp(prefix=f"vllm-{self.model_dir.name}-{self.port}-", suffix=".log")
+        self.log_path = Path(log)
+        with os.fdopen(fd, "wb") as out:
+            # Own session and process group: the group id is the leader's pid, and a
+            # Ctrl-C meant for pytest does not hit the server half-way through a test.
+            self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=out,
+                                            stderr=subprocess.STDOUT, env={**os.environ, **VLLM_ENV},
+                                            cwd=ROOT, start_new_session=True)
+        self.started_at = time.monotonic()
+        atexit.register(self.stop)
+        return self
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> str:
+        """Block until ``GET /v1/models`` answers 200; the base URL. Raises RuntimeError
+        (with the last 50 lines of the log) if the server exits or ``timeout`` passes."""
+        assert self.process is not None, "start() first"
+        deadline = self.started_at + timeout
+        with httpx.Client(timeout=2.0) as client:
+            while True:
+                try:
+                    if client.get(self.url + "/models").status_code == 200:
+                        self.ready_after = time.monotonic() - self.started_at
+                        return self.url
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"vLLM for {self.model_dir} not ready after {timeout:.0f} s; "
+                                       f"log {self.log_path}:\n{self.log_tail()}")
+                try:  # the poll interval, cut short if the server dies
+                    code = self.process.wait(timeout=POLL)
+                except subprocess.TimeoutExpired:
+                    continue
+                self.stop()
+                raise RuntimeError(f"vLLM for {self.model_dir} exited with status {code} during start-up; "
+                                   f"log {self.log_path}:\n{self.log_tail()}")
+
+    def check_alive(self) -> None:
+        """Raise RuntimeError, with the end of the log, if the server has exited."""
+        code = self.process.poll() if self.process is not None else "stopped"
+        if code is not None:
+            raise RuntimeError(f"vLLM for {self.model_dir} is no longer running (exit status {code}); "
+                               f"log {self.log_path}:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 50) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return "(no log)"
+        with self.log_path.open("rb") as f:
+            tail = collections.deque(f, maxlen=lines)
+        return b"".join(tail).decode("utf-8", "replace")
+
+    def stop(self) -> None:
+        """SIGTERM the process group, SIGKILL whatever is left after 20 s. Idempotent."""
+        process, self.process = self.process, None
+        atexit.unregister(self.stop)
+        if process is None:
+            return
+        pgid = process.pid  # the session leader's pid is the group id
+        _signal_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        try:
+            process.wait(timeout=STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            pass
+        while _group_alive(pgid) and time.monotonic() < deadline:  # the engine core and worker shut down too
+            time.sleep(0.1)
+        _signal_group(pgid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=5)
+
+    def __enter__(self) -> str:
+        self.start()
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def start_vllm(model_dir: str | os.PathLike, *, port: int | None = None) -> Iterator[str]:
+    """A vLLM server for ``model_dir`` for the duration of the block; yields its base URL."""
+    with VLLMServer(model_dir, port=port) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def start_vllms(*model_dirs: str | os.PathLike) -> Iterator[list[VLLMServer]]:
+    """Several servers started together (their start-ups overlap); yields them, ready."""
+    servers = [VLLMServer(d) for d in model_dirs]
+    try:
+        for s in servers:
+            s.start()
+        for s in servers:
+            s.wait_ready()
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
+
+
+# -- fault injection ------------------------------------------------------------------
+
+_HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+               "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding"}
+
+
+class FaultProxy:
+    """A loopback HTTP proxy in front of ``target`` (a base URL) with switchable faults.
+
+    ``proxy.url`` is the base URL to give clients (same path as ``target``). Faults are
+    queued in order and each incoming request takes the next one, if any:
+
+    - ``fail_next(n, status=500)``: answer ``status`` with an OpenAI-style error body;
+    - ``delay_next(n, seconds)``: wait ``seconds``, then forward (a client that timed
+      out meanwhile never sees the answer);
+    - ``drop_next(n)``: read the request, then close the connection with no response.
+
+    ``n`` may be ``math.inf`` (a persistent fault; ``clear()`` removes queued faults).
+    Counters: ``requests`` (all seen), ``forwarded``, ``failed``, ``delayed``,
+    ``dropped``, and ``paths`` (a Counter of request paths). Use as a context manager.
+    """
+
+    def __init__(self, target: str, *, forward_timeout: float = 300.0):
+        parts = urlsplit(target.rstrip("/"))
+        self.target_origin = f"{parts.scheme}://{parts.netloc}"
+        self.target_path = parts.path
+        self._faults: collections.deque[list] = collections.deque()  # [kind, remaining, argument]
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self.requests = self.forwarded = self.failed = self.delayed = self.dropped = 0
+        self.paths: collections.Counter[str] = collections.Counter()
+        self._client = httpx.Client(timeout=forward_timeout)
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}{self.target_path}"
+        self._thread: threading.Thread | None = None
+
+    # -- faults -------------------------------------------------------------------------
+    def fail_next(self, n: float, status: int = 500) -> None:
+        self._queue("fail", n, status)
+
+    def delay_next(self, n: float, seconds: float) -> None:
+        self._queue("delay", n, seconds)
+
+    def drop_next(self, n: float) -> None:
+        self._queue("drop", n, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self.requests = self.forwarded = self.failed = self.delayed = self.dropped = 0
+            self.paths.clear()
+
+    def _queue(self, kind: str, n: float, argument) -> None:
+        if not (n >= 1):
+            raise ValueError(f"n must be >= 1 (or math.inf), got {n!r}")
+        with self._lock:
+            self._faults.append([kind, n, argument])
+
+    def _take(self, path: str) -> tuple[str | None, object]:
+        with self._lock:
+            self.requests += 1
+            self.paths[path] += 1
+            if not self._faults:
+                return None, None
+            fault = self._faults[0]
+            fault[1] -= 1
+            if fault[1] <= 0:
+                self._faults.popleft()
+            return fault[0], fault[2]
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + 1)
+
+    # -- serving ------------------------------------------------------------------------
+    def _handler_class(self):
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as a real server
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def do_GET(self) -> None:
+                self._handle()
+
+            def do_POST(self) -> None:
+                self._handle()
+
+            def _handle(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                kind, argument = proxy._take(self.path)
+                if kind == "drop":
+                    proxy._count("dropped")
+                    self.close_connection = True
+                    with contextlib.suppress(OSError):
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if kind == "fail":
+                    proxy._count("failed")
+                    error = b'{"error": {"message": "injected fault", "type": "InternalServerError"}}'
+                    self._reply(int(argument), error, "application/json")
+                    return
+                if kind == "delay":
+                    proxy._count("delayed")
+                    if proxy._closing.wait(float(argument)):
+                        return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+                try:
+                    reply = proxy._client.request(self.command, proxy.target_origin + self.path, content=body,
+                                                  headers=headers)
+                except httpx.HTTPError as err:
+                    self._reply(502, f'{{"error": {{"message": "proxy: {type(err).__name__}"}}}}'.encode(),
+                                "application/json")
+                    return
+                proxy._count("forwarded")
+                self._reply(reply.status_code, reply.content, reply.headers.get("content-type", "application/json"))
+
+            def _reply(self, status: int, content: bytes, content_type: str) -> None:
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", content_type)
+                    self.send_header("Content-Length", str(len(content)))
+                    self.end_headers()
+                    self.wfile.write(content)
+                except OSError:  # the client gave up (timed out) meanwhile
+                    self.close_connection = True
+
+        return Handler
+
+    def start(self) -> "FaultProxy":
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="FaultProxy", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._closing.set()
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._server.server_close()
+        self._client.close()
+
+    def __enter__(self) -> "FaultProxy":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"FaultProxy({self.url} -> {self.target_origin}{self.target_path}: requests={self.requests}, "
+                f"forwarded={self.forwarded}, failed={self.failed}, delayed={self.delayed}, dropped={self.dropped})")
