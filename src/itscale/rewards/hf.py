@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -64,6 +63,7 @@ from ..lm.loading import (
 )
 from ..types import Capabilities, ScoreRequest, StepScores
 from .formats import EMBEDDED_TAG_FORMAT, TagFormat
+from .prefix_cache import PrefixScores
 
 __all__ = ["HFClassifierPRM", "HFTagPRM", "ModelLoadError", "PRMStats"]
 
@@ -364,7 +364,7 @@ class HFClassifierPRM(_HFScorer):
         self.max_batch, self.cache_size = int(max_batch), int(cache_size)
         self.system_prompt, self.run_in_thread = system_prompt, run_in_thread
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
-        self._scores: OrderedDict[tuple[str, tuple[str, ...]], float] = OrderedDict()
+        self._scores = PrefixScores(self.cache_size)
 
     def clear_cache(self) -> None:
         self._scores.clear()
@@ -378,22 +378,12 @@ class HFClassifierPRM(_HFScorer):
             ids += seg
         return ids, seps
 
-    def _cached(self, prompt: str, steps: tuple[str, ...]) -> tuple[float, ...] | None:
-        out = []
-        for t in range(1, len(steps) + 1):
-            score = self._scores.get((prompt, steps[:t]))
-            if score is None:
-                return None
-            self._scores.move_to_end((prompt, steps[:t]))
-            out.append(score)
-        return tuple(out)
-
     def _score(self, requests: list[ScoreRequest]) -> list[StepScores]:
         out: list[StepScores | None] = [None] * len(requests)
         todo: dict[tuple[str, tuple[str, ...]], list[int]] = {}
         for i, r in enumerate(requests):
             key = (r.problem.prompt, tuple(r.steps))
-            hit = self._cached(*key)
+            hit = self._scores.get(*key)
             if hit is not None:
                 self.stats.cached_steps += len(hit)
                 out[i] = StepScores(tuple(_clip(s) for s in hit), 0)
@@ -404,15 +394,11 @@ class HFClassifierPRM(_HFScorer):
             chunk = keys[start:start + self.max_batch]
             results = self._forward([ScoreRequest(requests[todo[k][0]].problem, k[1]) for k in chunk])
             for key, (scores, n_tokens) in zip(chunk, results):
-                for t, s in enumerate(scores):
-                    self._scores[(key[0], key[1][: t + 1])] = s
-                    self._scores.move_to_end((key[0], key[1][: t + 1]))
+                self._scores.put(*key, scores)
                 first, *rest = todo[key]
                 out[first] = StepScores(tuple(_clip(s) for s in scores), n_tokens)
                 for i in rest:
                     out[i] = StepScores(tuple(_clip(s) for s in scores), 0)
-        while len(self._scores) > self.cache_size:
-            self._scores.popitem(last=False)
         return out  # type: ignore[return-value]
 
     def _forward(self, requests: list[ScoreRequest]) -> list[tuple[list[float], int]]:

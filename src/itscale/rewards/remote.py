@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
@@ -74,6 +73,7 @@ from ..lm.loading import chat_prompt, encode, single_token_id
 from ..lm.openai import make_pool, resolve_tokenizer
 from ..types import Capabilities, ScoreRequest, StepScores
 from .formats import EMBEDDED_TAG_FORMAT, TagFormat
+from .prefix_cache import PrefixScores
 
 __all__ = ["RemotePRMStats", "RemoteRewardPRM", "RemoteTagPRM", "tag_score"]
 
@@ -142,7 +142,7 @@ class _RemoteScorer:
         self.cache_size, self.extra_body = int(cache_size), dict(extra_body or {})
         self.capabilities = Capabilities(n_parameters=n_parameters)
         self.stats = RemotePRMStats()
-        self._scores: OrderedDict[tuple[str, tuple[str, ...]], float] = OrderedDict()
+        self._scores = PrefixScores(self.cache_size)
         self._prompts: dict[str, tuple[str, bool]] = {}
 
     # -- public API -------------------------------------------------------------------
@@ -162,7 +162,7 @@ class _RemoteScorer:
         todo: dict[tuple[str, tuple[str, ...]], list[int]] = {}
         for i, r in enumerate(requests):
             key = (r.problem.prompt, tuple(r.steps))
-            hit = self._cached(key)
+            hit = self._scores.get(*key)
             if hit is not None:
                 self.stats.cached_steps += len(hit)
                 out[i] = StepScores(hit, 0)
@@ -171,16 +171,11 @@ class _RemoteScorer:
         keys = list(todo)
         results = await asyncio.gather(*(self._score_one(requests[todo[key][0]]) for key in keys))
         for key, (scores, tokens) in zip(keys, results):
-            for t, s in enumerate(scores):
-                if not math.isnan(s):
-                    self._scores[(key[0], key[1][: t + 1])] = s
-                    self._scores.move_to_end((key[0], key[1][: t + 1]))
+            self._scores.put(*key, scores)
             first, *rest = todo[key]
             out[first] = StepScores(scores, tokens)
             for i in rest:
                 out[i] = StepScores(scores, 0)
-        while len(self._scores) > self.cache_size:
-            self._scores.popitem(last=False)
         return out  # type: ignore[return-value]
 
     async def check(self) -> dict[str, list[str]]:
@@ -203,17 +198,6 @@ class _RemoteScorer:
         await self.aclose()
 
     # -- internals ----------------------------------------------------------------------
-    def _cached(self, key: tuple[str, tuple[str, ...]]) -> tuple[float, ...] | None:
-        prompt, steps = key
-        out = []
-        for t in range(1, len(steps) + 1):
-            score = self._scores.get((prompt, steps[:t]))
-            if score is None:
-                return None
-            self._scores.move_to_end((prompt, steps[:t]))
-            out.append(score)
-        return tuple(out)
-
     async def _score_one(self, request: ScoreRequest) -> tuple[tuple[float, ...], int]:
         """One request's scores and prompt tokens; NaN scores (never an exception) on failure."""
         n = len(request.steps)
