@@ -79,6 +79,7 @@ from .kv_cache import KVNode, KVStore, any_kv, buffered_cache, left_padded_kv, n
 from .loading import (
     ModelLoadError,
     accepts,
+    ChatPrompts,
     cache_kwarg,
     chat_prompt,
     check_full_attention,
@@ -198,7 +199,7 @@ class HFGenerator:
         )
         self.store = KVStore(cache_tokens if cache_tokens is not None else tokens_for_bytes(model, _CACHE_BYTES))
         self.stats = GeneratorStats()
-        self._prompts: dict[str, str] = {}
+        self._chat_prompts = ChatPrompts(self.tokenizer, self.system_prompt)
         self._add_special_tokens = chat_prompt(tokenizer, "", None)[1]
         self._seeds = itertools.count()
         self._lock = threading.Lock()
@@ -227,12 +228,7 @@ class HFGenerator:
 
     def context_text(self, prompt: str, prefix: str = "") -> str:
         """The exact text the model continues for a problem prompt and a solution prefix."""
-        text = self._prompts.get(prompt)
-        if text is None:
-            if len(self._prompts) > 4096:
-                self._prompts.clear()
-            text = self._prompts[prompt] = chat_prompt(self.tokenizer, prompt, self.system_prompt)[0]
-        return text + prefix
+        return self._chat_prompts(prompt)[0] + prefix
 
     # -- one call -------------------------------------------------------------------
     def _generate(self, requests: list[StepRequest]) -> list[list[Step]]:

@@ -110,6 +110,23 @@ def chat_prompt(tokenizer, prompt: str, system: str | None = None) -> tuple[str,
     return (f"{system}\n\n{prompt}" if system else prompt), True
 
 
+class ChatPrompts:
+    """:func:`chat_prompt` memoised per problem prompt (at most ``limit`` entries, then reset):
+    every request of a problem reads the same chat prompt."""
+
+    def __init__(self, tokenizer, system: str | None = None, limit: int = 4096):
+        self.tokenizer, self.system, self.limit = tokenizer, system, limit
+        self._memo: dict[str, tuple[str, bool]] = {}
+
+    def __call__(self, prompt: str) -> tuple[str, bool]:
+        hit = self._memo.get(prompt)
+        if hit is None:
+            if len(self._memo) >= self.limit:
+                self._memo.clear()
+            hit = self._memo[prompt] = chat_prompt(self.tokenizer, prompt, self.system)
+        return hit
+
+
 def encode(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=add_special_tokens)) if text else []
 

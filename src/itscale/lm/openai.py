@@ -73,7 +73,7 @@ from typing import Any, Mapping, Sequence
 
 from ..types import Capabilities, Step, StepRequest
 from .http import BackendError, EndpointPool, Reply
-from .loading import TOKENIZER_FILES, ModelLoadError, chat_prompt, encode, load_tokenizer
+from .loading import TOKENIZER_FILES, ChatPrompts, ModelLoadError, encode, load_tokenizer
 
 __all__ = ["BackendError", "OpenAIGenerator", "make_pool", "resolve_tokenizer"]
 
@@ -204,7 +204,7 @@ class OpenAIGenerator:
         self.n_per_request = n_per_request
         self.capabilities = Capabilities(logprobs=True, n_per_request=n_per_request is not False,
                                          prefix_cache=False, n_parameters=n_parameters)
-        self._prompts: dict[str, tuple[str, bool]] = {}
+        self._chat_prompt = ChatPrompts(self.tokenizer, system_prompt)
         self.context_length: int | None = None  # learnt from a server that rejected max_tokens
 
     # -- public API -------------------------------------------------------------------
@@ -229,14 +229,6 @@ class OpenAIGenerator:
         await self.aclose()
 
     # -- one request ------------------------------------------------------------------
-    def _chat_prompt(self, prompt: str) -> tuple[str, bool]:
-        hit = self._prompts.get(prompt)
-        if hit is None:
-            if len(self._prompts) > 4096:
-                self._prompts.clear()
-            hit = self._prompts[prompt] = chat_prompt(self.tokenizer, prompt, self.system_prompt)
-        return hit
-
     async def _serve(self, request: StepRequest) -> list[Step]:
         k = request.k
         if k <= 0:

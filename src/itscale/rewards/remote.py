@@ -69,7 +69,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
 from ..lm.http import BackendError, EndpointPool, Reply
-from ..lm.loading import chat_prompt, encode, single_token_id
+from ..lm.loading import ChatPrompts, encode, single_token_id
 from ..lm.openai import make_pool, resolve_tokenizer
 from ..types import Capabilities, ScoreRequest, StepScores
 from .formats import EMBEDDED_TAG_FORMAT, TagFormat
@@ -143,17 +143,12 @@ class _RemoteScorer:
         self.capabilities = Capabilities(n_parameters=n_parameters)
         self.stats = RemotePRMStats()
         self._scores = PrefixScores(self.cache_size)
-        self._prompts: dict[str, tuple[str, bool]] = {}
+        self._chat_prompts = ChatPrompts(self.tokenizer, system_prompt)
 
     # -- public API -------------------------------------------------------------------
     def chat_prompt(self, prompt: str) -> tuple[str, bool]:
         """The chat prompt text, and whether tokenizing it adds special tokens (as in HFTagPRM)."""
-        hit = self._prompts.get(prompt)
-        if hit is None:
-            if len(self._prompts) > 4096:
-                self._prompts.clear()
-            hit = self._prompts[prompt] = chat_prompt(self.tokenizer, prompt, self.system_prompt)
-        return hit
+        return self._chat_prompts(prompt)
 
     async def score_steps(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
         self.stats.calls += 1
