@@ -94,7 +94,15 @@ def pool(server, urls=(URL,), **kw):
 
 
 def generator(server, tokenizer, urls=(URL,), pool_kw=None, **kw):
+    """One HTTP request per StepRequest unless ``merge_prompts`` is given (merging: its own tests)."""
+    kw.setdefault("merge_prompts", 1)
     return OpenAIGenerator(pool(server, urls, **(pool_kw or {})), MODEL, tokenizer=tokenizer, **kw)
+
+
+def list_steps(req, body, attempt):
+    """A reply to a merged request: choice i continues prompt i with '<i>\n'; out of order."""
+    choices = [vllm_choice(i, f"{i}\n", stop_reason="\n") for i in range(len(body["prompt"]))]
+    return vllm_reply(choices[::-1], prompt_tokens=99)
 
 
 def run(coro):
@@ -402,3 +410,67 @@ def test_capabilities_and_usage(tokenizer):
     run(gen.generate_steps([request(), request(problem=P2)]))
     assert gen.http.usage.prompt_tokens == 24 and gen.http.usage.completion_tokens == 4
     assert gen.http.usage.requests == 2
+
+
+# -- merged requests ---------------------------------------------------------------------
+def test_a_call_is_merged_into_one_prompt_list_without_seeds(tokenizer):
+    server = FakeServer(list_steps)
+    gen = generator(server, tokenizer, merge_prompts=256)
+    reqs = [request(k=2, seed=1), request(problem=P2, steps=("1+1=2\n",), seed=2), request(k=0), request(seed=3)]
+    a, b, none, c = run(gen.generate_steps(reqs))
+    ((url, body),) = server.seen
+    assert url == f"{URL}/completions" and "seed" not in body and body["n"] == 1
+    assert body["prompt"] == [gen.context_text(P1.prompt)] * 2 + [gen.context_text(P2.prompt, "1+1=2\n"),
+                                                                  gen.context_text(P1.prompt)]
+    assert [s.text for s in a] == ["0\n", "1\n"] and [s.text for s in b] == ["2\n"] and [s.text for s in c] == ["3\n"]
+    assert none == []
+    # prompt tokens: the context's own count (local tokenizer), once per request; prefill unknown
+    assert a[0].prompt_tokens == len(tokenizer.encode(body["prompt"][0], add_special_tokens=False)) and a[1].prompt_tokens == 0
+    assert b[0].prompt_tokens == len(tokenizer.encode(body["prompt"][2], add_special_tokens=False))
+    assert a[0].prefilled_tokens is None and a[0].logprob == pytest.approx(-1.0)
+
+
+def test_merging_splits_by_sampling_fields_and_by_merge_prompts(tokenizer):
+    server = FakeServer(list_steps)
+    gen = generator(server, tokenizer, merge_prompts=3)
+    reqs = [request(seed=j) for j in range(4)] + [request(temperature=0.2), request(temperature=0.2, max_tokens=5)]
+    out = run(gen.generate_steps(reqs))
+    assert all(len(o) == 1 and not o[0].failed for o in out)
+    shapes = sorted((len(b["prompt"]) if isinstance(b["prompt"], list) else 0, b["temperature"], b["max_tokens"])
+                    for b in server.bodies)
+    # 4 alike: 3 merged + 1 alone (sent as a plain request); the two others differ
+    assert shapes == [(0, 0.2, 5), (0, 0.2, 16), (0, 0.7, 16), (3, 0.7, 16)]
+    assert not any("seed" in b for b in server.bodies)  # merging on: no request is seeded
+
+
+def test_a_lone_request_is_sent_with_n_and_a_seed_only_without_merging(tokenizer):
+    server = FakeServer(echo_steps)
+    (out,) = run(generator(server, tokenizer, merge_prompts=256).generate_steps([request(k=4, seed=9)]))
+    (body,) = server.bodies
+    assert (body["n"], "seed" in body, isinstance(body["prompt"], str)) == (4, False, True) and len(out) == 4
+    run(generator(server, tokenizer, merge_prompts=1).generate_steps([request(k=4, seed=9)]))
+    assert (server.bodies[1]["n"], server.bodies[1]["seed"]) == (4, 9)
+
+
+def test_a_rejected_merged_request_is_resent_one_by_one(tokenizer):
+    def respond(req, body, attempt):
+        prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+        if any("bad" in p for p in prompts):
+            return httpx.Response(400, json={"error": {"message": "prompt rejected"}})
+        return list_steps(req, {"prompt": prompts}, attempt) if isinstance(body["prompt"], list) else echo_steps(req, body, attempt)
+
+    server = FakeServer(respond)
+    good, bad = run(generator(server, tokenizer, merge_prompts=256).generate_steps([request(), request(problem=P2)]))
+    assert [isinstance(b["prompt"], list) for b in server.bodies] == [True, False, False]
+    assert not good[0].failed and bad[0].failed and "prompt rejected" in bad[0].error
+
+
+def test_a_failed_merged_request_kills_its_particles_only(tokenizer):
+    def respond(req, body, attempt):
+        return httpx.Response(503, json={"error": {"message": "overloaded"}})
+
+    server = FakeServer(respond)
+    gen = generator(server, tokenizer, merge_prompts=256, pool_kw={"retries": 1})
+    out = run(gen.generate_steps([request(k=2), request(problem=P2)]))
+    assert [len(o) for o in out] == [2, 1] and all(s.failed and "overloaded" in s.error for o in out for s in o)
+    assert len(server.seen) == 2  # one merged request, retried once; no per-request storm after a 5xx

@@ -40,9 +40,10 @@ def pool(handler, **kw):
     return EndpointPool(URL, transport=httpx.MockTransport(handler), rng=random.Random(0), **kw)
 
 
-class EchoServer:
-    """A fake vLLM ``/v1/completions`` with ``echo=true, logprobs=k, max_tokens=1``, computed by a real
-    (tiny) model: every prompt position gets its top-k next-token log-probabilities."""
+class NextTokenServer:
+    """A fake vLLM ``/v1/completions`` with ``max_tokens=1, logprobs=k`` over a list of prompts,
+    computed by a real (tiny) model: each choice's ``top_logprobs[0]`` is the top-k next-token
+    log-probabilities after its prompt."""
 
     def __init__(self, model, tokenizer):
         self.model, self.tok = model, tokenizer
@@ -51,28 +52,21 @@ class EchoServer:
     def __call__(self, req: httpx.Request) -> httpx.Response:
         body = json.loads(req.content)
         self.bodies.append(body)
-        ids = self.tok.encode(body["prompt"], add_special_tokens=body.get("add_special_tokens", True))
-        with torch.no_grad():
-            logprobs = torch.log_softmax(self.model(torch.tensor([ids])).logits[0].double(), -1)
-        ids = ids + [int(logprobs[-1].argmax())]  # the one generated token (greedy)
-        tokens = [self.tok.decode([i]) for i in ids]
-        top = [None]
-        for pos in range(1, len(ids)):
-            values, index = logprobs[pos - 1].topk(body["logprobs"])
-            entry = {self.tok.decode([ids[pos]]): float(logprobs[pos - 1, ids[pos]])}
-            entry.update({self.tok.decode([int(i)]): float(v) for v, i in zip(values, index)})
-            top.append(entry)
-        offsets, at = [], 0
-        for t in tokens:
-            offsets.append(at)
-            at += len(t)
-        choice = {"index": 0, "text": body["prompt"] + tokens[-1], "finish_reason": "length", "stop_reason": None,
-                  "logprobs": {"tokens": tokens, "token_logprobs": [None] + [float(logprobs[p - 1, ids[p]])
-                                                                            for p in range(1, len(ids))],
-                               "top_logprobs": top, "text_offset": offsets}}
-        usage = {"prompt_tokens": len(ids) - 1, "completion_tokens": 1, "total_tokens": len(ids)}
+        choices, prompt_tokens = [], 0
+        for i, prompt in enumerate(body["prompt"]):
+            ids = self.tok.encode(prompt, add_special_tokens=body.get("add_special_tokens", True))
+            prompt_tokens += len(ids)
+            with torch.no_grad():
+                logprobs = torch.log_softmax(self.model(torch.tensor([ids])).logits[0, -1].double(), -1)
+            values, index = logprobs.topk(body["logprobs"])
+            top = {self.tok.decode([int(j)]): float(v) for v, j in zip(values, index)}
+            token = self.tok.decode([int(index[0])])
+            choices.append({"index": i, "text": token, "finish_reason": "length", "stop_reason": None,
+                            "logprobs": {"tokens": [token], "token_logprobs": [float(values[0])],
+                                         "top_logprobs": [top], "text_offset": [len(prompt)]}})
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(choices)}
         return httpx.Response(200, json={"id": "cmpl-x", "object": "text_completion", "model": "prm",
-                                         "choices": [choice], "usage": usage})
+                                         "choices": choices, "usage": usage})
 
 
 def requests():
@@ -82,7 +76,7 @@ def requests():
 
 def test_the_text_sent_is_what_hf_tag_prm_scores(tok, prm_model):
     hf = HFTagPRM(prm_model, tok, run_in_thread=False)
-    remote = RemoteTagPRM(pool(EchoServer(prm_model, tok)), "prm", tokenizer=tok)
+    remote = RemoteTagPRM(pool(NextTokenServer(prm_model, tok)), "prm", tokenizer=tok)
     for req in requests():
         text, ends = remote.text(req)
         assert text == hf.prompt(req.problem.prompt)[0] + EMBEDDED_TAG_FORMAT.render_steps(req.steps, hf.delimiter)
@@ -94,44 +88,56 @@ def test_the_text_sent_is_what_hf_tag_prm_scores(tok, prm_model):
 
 def test_remote_scores_equal_hf_tag_prm_scores(tok, prm_model):
     hf = HFTagPRM(prm_model, tok, run_in_thread=False, reuse_cache=False)
-    server = EchoServer(prm_model, tok)
+    server = NextTokenServer(prm_model, tok)
     remote = RemoteTagPRM(pool(server), "prm", tokenizer=tok, top_logprobs=len(tok))  # exact: whole vocabulary
     got = asyncio.run(remote.score_steps(requests()))
     want = hf.score_steps_sync(requests())
     for g, w in zip(got, want):
         assert g.scores == pytest.approx(w.scores, abs=1e-6)  # float32 model, batched vs not
-    body = server.bodies[0]
-    assert (body["max_tokens"], body["echo"], body["logprobs"], body["add_special_tokens"]) == (1, True, len(tok), False)
-    assert len(server.bodies) == 4  # the duplicate is sent once, the empty request not at all
-    assert got[0].tokens == len(hf.input_ids(requests()[0])[0]) and got[4].tokens == 0
-    assert remote.stats.bounded_steps == 0
+    (body,) = server.bodies  # one merged request: every distinct step prefix once
+    assert (body["max_tokens"], body["logprobs"], body["add_special_tokens"], body["temperature"]) == (1, len(tok), False, 0.0)
+    text, ends = remote.text(requests()[0])
+    assert body["prompt"][:3] == [text[:e] for e in ends]  # the text up to each tag
+    assert len(body["prompt"]) == 3 + 2 + 2  # the duplicate request and prefix are sent once, the empty one not at all
+    assert got[0].tokens == sum(len(tok.encode(t, add_special_tokens=False)) for t in body["prompt"][:3])
+    assert got[1].tokens == got[4].tokens == got[5].tokens == 0
+    assert remote.stats.bounded_steps == 0 and remote.stats.http_requests == 1
+
+
+def test_only_new_steps_are_sent_and_prompts_are_merged_up_to_the_limit(tok, prm_model):
+    server = NextTokenServer(prm_model, tok)
+    remote = RemoteTagPRM(pool(server), "prm", tokenizer=tok, top_logprobs=len(tok), merge_prompts=2)
+    asyncio.run(remote.score_steps([ScoreRequest(P1, STEPS[:2])]))
+    assert [len(b["prompt"]) for b in server.bodies] == [2]
+    (out,) = asyncio.run(remote.score_steps([ScoreRequest(P1, STEPS)]))  # one new step: one prompt
+    assert [len(b["prompt"]) for b in server.bodies] == [2, 1]
+    text, ends = remote.text(ScoreRequest(P1, STEPS))
+    assert server.bodies[1]["prompt"] == [text[: ends[2]]]
+    fresh = RemoteTagPRM(pool(NextTokenServer(prm_model, tok)), "prm", tokenizer=tok, top_logprobs=len(tok))
+    (whole,) = asyncio.run(fresh.score_steps([ScoreRequest(P1, STEPS)]))
+    assert out.scores == pytest.approx(whole.scores, abs=1e-12)  # incremental = all at once
+    asyncio.run(remote.score_steps([ScoreRequest(P2, ("1\n", "2\n", "3\n", "4\n", "5\n"))]))
+    assert [len(b["prompt"]) for b in server.bodies] == [2, 1, 2, 2, 1]  # at most merge_prompts per request
 
 
 def test_scores_read_the_top_logprobs_right_after_each_tag(tok):
-    """Hand-made reply: decoys everywhere except at the token after each tag."""
+    """Hand-made reply: the prompt that ends at each tag gets its own top-k, replies out of order."""
     remote_ref = RemoteTagPRM(pool(lambda r: None), "prm", tokenizer=tok, top_logprobs=3)
     req = ScoreRequest(P1, ("4*2=8\n", "bad=1\n"))
     text, ends = remote_ref.text(req)
     after = {ends[0]: (math.log(0.6), math.log(0.2)), ends[1]: (math.log(0.3), None)}  # step 2: '-' not in top-3
 
     def handler(r):
-        ids = tok.encode(text, add_special_tokens=False) + [tok.convert_tokens_to_ids("x")]
-        tokens = [tok.decode([i]) for i in ids]
-        offsets = [len(tok.decode(ids[:i])) for i in range(len(ids))]
-        top = [None]
-        for i in range(1, len(ids)):
-            if offsets[i] in after:
-                good, bad = after[offsets[i]]
-                entry = {"+": good, "\n": math.log(0.15), "x": math.log(0.12)}
-                if bad is not None:
-                    entry["-"] = bad
-            else:
-                entry = {"+": math.log(0.01), "-": math.log(0.9), "7": math.log(0.05)}  # decoys
-            top.append(entry)
-        choice = {"index": 0, "text": text + "x", "finish_reason": "length",
-                  "logprobs": {"tokens": tokens, "token_logprobs": [None] * len(ids), "top_logprobs": top,
-                               "text_offset": offsets}}
-        return httpx.Response(200, json={"choices": [choice], "usage": {"prompt_tokens": len(ids) - 1}})
+        prompts = json.loads(r.content)["prompt"]
+        choices = []
+        for i, prompt in enumerate(prompts):
+            good, bad = after[len(prompt)]
+            top = {"+": good, "\n": math.log(0.15), "x": math.log(0.12)}
+            if bad is not None:
+                top["-"] = bad
+            choices.append({"index": i, "text": "x", "finish_reason": "length",
+                            "logprobs": {"tokens": ["x"], "token_logprobs": [math.log(0.12)], "top_logprobs": [top]}})
+        return httpx.Response(200, json={"choices": choices[::-1], "usage": {"prompt_tokens": 0}})  # any order
 
     remote = RemoteTagPRM(pool(handler), "prm", tokenizer=tok, top_logprobs=3)
     (out,) = asyncio.run(remote.score_steps([req]))
@@ -139,7 +145,7 @@ def test_scores_read_the_top_logprobs_right_after_each_tag(tok):
     # '-' missing: bounded by the 3rd largest probability there (0.12): a lower bound on the score
     assert out.scores[1] == pytest.approx(0.3 / (0.3 + 0.12))
     assert remote.stats.bounded_steps == 1
-    assert out.tokens == len(tok.encode(text, add_special_tokens=False))
+    assert out.tokens == sum(len(tok.encode(text[:e], add_special_tokens=False)) for e in ends)
 
 
 def test_tag_score_bounds_and_token_id_keys():
@@ -153,7 +159,7 @@ def test_tag_score_bounds_and_token_id_keys():
 
 
 def test_step_prefixes_are_cached(tok, prm_model):
-    server = EchoServer(prm_model, tok)
+    server = NextTokenServer(prm_model, tok)
     remote = RemoteTagPRM(pool(server), "prm", tokenizer=tok, top_logprobs=len(tok))
     (first,) = asyncio.run(remote.score_steps([ScoreRequest(P1, STEPS)]))
     again = asyncio.run(remote.score_steps([ScoreRequest(P1, STEPS[:2]), ScoreRequest(P1, STEPS)]))
@@ -177,13 +183,6 @@ def test_a_failed_request_scores_nan_and_never_raises(tok):
     assert f"{URL}/completions" in remote.stats.last_error and "CUDA out of memory" in remote.stats.last_error
     asyncio.run(remote.score_steps([ScoreRequest(P1, STEPS[:2])]))
     assert len(calls) == 4  # failures are not cached
-
-
-def test_server_offsets_are_used_when_the_local_tokenization_does_not_line_up(tok):
-    remote = RemoteTagPRM(pool(lambda r: None), "prm", tokenizer=tok)
-    # two server tokens only: fewer than the local tokenizer's, so the server's offsets are used
-    after = remote.token_after("ab§\n", False, ["ab§", "\n"], None)
-    assert after == {3: 1}
 
 
 def test_a_tokenizer_is_required(tok):

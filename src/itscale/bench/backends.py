@@ -50,10 +50,12 @@ def _tokenizer_for(cfg, name: str, embedded: Path) -> str | None:
 
 
 class Timed:
-    """Wraps a generator or PRM and adds up the wall time spent inside its calls."""
+    """Wraps a generator or PRM and adds up the wall time during which at least one of its
+    calls is in flight (concurrent calls to a server count once)."""
 
     def __init__(self, inner):
         self.inner, self.seconds = inner, 0.0
+        self._in_flight, self._since = 0, 0.0
 
     @property
     def capabilities(self):
@@ -65,19 +67,22 @@ class Timed:
         if clear is not None:
             clear()
 
-    async def generate_steps(self, requests):
-        t = time.perf_counter()
+    async def _timed(self, call):
+        if self._in_flight == 0:
+            self._since = time.perf_counter()
+        self._in_flight += 1
         try:
-            return await self.inner.generate_steps(requests)
+            return await call
         finally:
-            self.seconds += time.perf_counter() - t
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self.seconds += time.perf_counter() - self._since
+
+    async def generate_steps(self, requests):
+        return await self._timed(self.inner.generate_steps(requests))
 
     async def score_steps(self, requests):
-        t = time.perf_counter()
-        try:
-            return await self.inner.score_steps(requests)
-        finally:
-            self.seconds += time.perf_counter() - t
+        return await self._timed(self.inner.score_steps(requests))
 
 
 @dataclass
@@ -102,7 +107,7 @@ def load_backends(config: BenchConfig) -> Backends:
         from ..lm.openai import OpenAIGenerator
 
         name = served_model(config.policy.model, config.policy.served_model, "policy.model")
-        policy = OpenAIGenerator(config.policy.model, name,
+        policy = OpenAIGenerator(config.policy.model, name, merge_prompts=config.policy.merge_prompts,
                                  tokenizer=_tokenizer_for(config.policy, name, zoo.policy_path()))
         description = {"policy": f"{config.policy.model} ({name})"}
     else:

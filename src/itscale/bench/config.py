@@ -79,6 +79,8 @@ class PolicyConfig(_Backend):
     max_step_tokens: int = Field(48, ge=1, description="token limit of one step")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
     max_batch: int = Field(256, ge=1, description="rows decoded together")
+    merge_prompts: int = Field(256, ge=1, description="HTTP policy: contexts sent in one request (fast, but the "
+                                                      "server cannot seed them); 1 = one seeded request each")
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_step_tokens=self.max_step_tokens)
@@ -193,7 +195,8 @@ class BenchConfig(_Strict):
 
     def backend_fingerprint(self) -> dict:
         """What the results depend on besides the method: models, sampling, format."""
-        return {"policy": self.policy.model_dump(exclude={"threads", "max_batch"}),
+        local_only = {"threads", "max_batch"} | (set() if self.policy.is_http else {"merge_prompts"})
+        return {"policy": self.policy.model_dump(exclude=local_only),
                 "prm": self.prm.model_dump(exclude={"max_batch"}),
                 "format": self.format if isinstance(self.format, str) else self.format.model_dump()}
 

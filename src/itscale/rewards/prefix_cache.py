@@ -23,12 +23,17 @@ class PrefixScores:
 
     def get(self, prompt: str, steps: tuple[str, ...]) -> tuple[float, ...] | None:
         """The scores of every step, or None unless all of them are cached."""
+        out = self.leading(prompt, steps)
+        return out if len(out) == len(steps) else None
+
+    def leading(self, prompt: str, steps: tuple[str, ...]) -> tuple[float, ...]:
+        """The scores of the longest run of leading steps that are all cached (maybe none)."""
         out = []
         for t in range(1, len(steps) + 1):
             key = (prompt, steps[:t])
             score = self._scores.get(key)
             if score is None:
-                return None
+                break
             self._scores.move_to_end(key)
             out.append(score)
         return tuple(out)

@@ -1,47 +1,46 @@
 r"""Process reward models behind an HTTP server (design 6, PRM styles a and b).
 
 :class:`RemoteTagPRM` — a tag-style causal-LM PRM (Math-Shepherd / RLHFlow, and the
-embedded PRM) served by any OpenAI-compatible completions server, scored from
-*prompt* log-probabilities. It builds exactly the text :class:`~itscale.rewards.hf.HFTagPRM`
-scores (:meth:`RemoteTagPRM.text`)::
+embedded PRM) served by any OpenAI-compatible completions server, scored from the
+next-token log-probabilities right after each step's tag. It builds exactly the text
+:class:`~itscale.rewards.hf.HFTagPRM` scores (:meth:`RemoteTagPRM.text`)::
 
     chat_prompt(problem) + Σ_t (strip(s_t) + tag + separator)
 
-and sends it once per request::
+and scores step t by a one-token completion of the text up to the end of the t-th
+tag, ``c_t``::
 
     POST {base}/completions
-    {"model": M, "prompt": text, "max_tokens": 1, "temperature": 0,
-     "echo": true, "logprobs": top_logprobs,
+    {"model": M, "prompt": [c_t, …], "max_tokens": 1, "temperature": 0,
+     "logprobs": top_logprobs,
      "add_special_tokens": false}   # vLLM extension, when the chat template wrote the
                                     # special tokens itself (as HFTagPRM encodes it)
 
-With ``echo`` the reply's ``choices[0].logprobs`` covers the prompt tokens followed by
-the one generated token: ``tokens``, ``top_logprobs`` (one ``{token: logprob}`` dict per
-position, ``None`` for the first) and ``text_offset`` (else cumulative token lengths).
-The top-k dict at position ``i`` is the model's next-token distribution *after*
-tokens ``< i``, so the score of step t is read at the token that starts right where
-the t-th tag ends (the separator's first token, or the generated token when the
-text ends with the tag). Token positions come from the local tokenizer's character
-offsets when its token count agrees with the server's, else from the server's
-``text_offset`` (see :meth:`RemoteTagPRM.token_after`):
+``choices[i].logprobs.top_logprobs[0]`` is the model's next-token distribution after
+``c_i`` (vLLM returns the raw distribution, before temperature), read as
 
     s_t = p(good) / (p(good) + p(bad)).
 
-The text itself is unchanged, so later steps are conditioned exactly as in
-HFTagPRM. If ``good`` or ``bad`` is missing from the top-k, its probability is bounded
-by the k-th largest probability at that position and that bound is used: with
-``bad`` missing the score is a *lower* bound, with ``good`` missing an *upper* bound
-(``stats.bounded_steps`` counts them; raise ``top_logprobs`` — vLLM caps it at its
-``--max-logprobs``, default 20 — to avoid it). If both are missing, or no token
-starts at the end of a tag (the server's tokenizer merged the tag with the next
-character), the step's score is NaN. Token keys are matched as strings
-(``"+"``), or as ``"token_id:N"`` when vLLM runs with ``--return-tokens-as-token-ids``.
+Only steps whose score is not cached are sent: a particle filter's round costs one
+prompt per particle (its new step), and the server's prefix cache re-reads only
+that step, so scoring stays linear in the solution length (a server without prefix
+caching re-reads each ``c_t`` whole). The prompts of a call go as ``prompt`` lists of
+at most ``merge_prompts`` strings per HTTP request (deterministic, so merging costs
+nothing), which keeps the server's per-request overhead off the critical path.
 
-Caveats: the server tokenizes the whole text, whereas HFTagPRM encodes it piece by
-piece (prompt, step, tag, separator); for character-level tokenizers (the embedded
-PRM) the two are identical, for BPE tokenizers a token may differ at a step boundary.
-A server that ignores ``add_special_tokens: false`` prepends a second BOS to a chat
-template that writes one, which shifts the scores (and the positions).
+If ``good`` or ``bad`` is missing from the top-k, its probability is bounded by the
+k-th largest probability at that position and that bound is used: with ``bad``
+missing the score is a *lower* bound, with ``good`` missing an *upper* bound
+(``stats.bounded_steps`` counts them; raise ``top_logprobs`` — vLLM caps it at its
+``--max-logprobs``, default 20 — to avoid it). If both are missing the step's score
+is NaN. Token keys are matched as strings (``"+"``), or as ``"token_id:N"`` when vLLM
+runs with ``--return-tokens-as-token-ids``.
+
+Caveats: the server tokenizes each ``c_t`` whole, whereas HFTagPRM encodes the text
+piece by piece (prompt, step, tag, separator); for character-level tokenizers (the
+embedded PRM) the two are identical, for BPE tokenizers a token may differ at a step
+boundary. A server that ignores ``add_special_tokens: false`` prepends a second BOS to
+a chat template that writes one, which shifts the scores.
 
 :class:`RemoteRewardPRM` — a token-classification PRM (Qwen2.5-Math-PRM style) behind
 vLLM's pooling API: ``POST {server}/pooling`` with ``{"model": M, "input": ids}``,
@@ -53,11 +52,13 @@ pooling; rows at the separator positions are read) or one row per separator
 (rows that are not probabilities are softmaxed first; a scalar row is the score).
 
 Both scorers cache scores by step prefix — ``(problem prompt, steps[:t]) → s_t`` — so a
-request whose every prefix has been scored costs no request (``tokens=0``); otherwise
-the whole text is sent (a server with prefix caching, like vLLM's, re-reads only the
-new part) and ``StepScores.tokens`` is the reply's ``usage.prompt_tokens``. Identical
-requests in one call are sent once (the copies report 0 tokens). A request that fails
-after its retries never raises: its steps score NaN (the particle dies) and
+request whose every prefix has been scored costs no request (``tokens=0``).
+RemoteRewardPRM sends the whole text of any other request (a server with prefix
+caching, like vLLM's, re-reads only the new part) and ``StepScores.tokens`` is the
+reply's ``usage.prompt_tokens``; RemoteTagPRM counts the tokens of the prompts it
+sends for the request (local tokenizer). Identical requests (and prefixes) in one
+call are sent once: the copies report 0 tokens. A request that fails after its
+retries never raises: its steps score NaN (the particle dies) and
 ``stats.last_error`` keeps the reason. Scores are clipped to [1e-12, 1 − 1e-12].
 """
 
@@ -140,7 +141,7 @@ class _RemoteScorer:
             )
         self.system_prompt, self.delimiter = system_prompt, delimiter
         self.cache_size, self.extra_body = int(cache_size), dict(extra_body or {})
-        self.capabilities = Capabilities(n_parameters=n_parameters)
+        self.capabilities = Capabilities(n_parameters=n_parameters, server_batching=True)
         self.stats = RemotePRMStats()
         self._scores = PrefixScores(self.cache_size)
         self._chat_prompts = ChatPrompts(self.tokenizer, system_prompt)
@@ -221,11 +222,12 @@ class _RemoteScorer:
 
 
 class RemoteTagPRM(_RemoteScorer):
-    """A tag-style causal-LM PRM scored by prompt log-probabilities (see the module docstring).
+    """A tag-style causal-LM PRM scored by next-token log-probabilities (see the module docstring).
 
     ``base_url``/``api_key``/``max_concurrency``/``timeout``/``retries``/``transport`` are
     as for :class:`~itscale.lm.openai.OpenAIGenerator` (or pass an ``EndpointPool``).
     ``extensions=False`` leaves out the vLLM field ``add_special_tokens``.
+    ``merge_prompts`` is the most prompts sent in one HTTP request.
     """
 
     def __init__(
@@ -242,6 +244,7 @@ class RemoteTagPRM(_RemoteScorer):
         extra_body: Mapping[str, Any] | None = None,
         cache_size: int = 1 << 17,
         n_parameters: int | None = None,
+        merge_prompts: int = 256,
         api_key: str | None = None,
         max_concurrency: int = 64,
         timeout: float = 60.0,
@@ -250,10 +253,14 @@ class RemoteTagPRM(_RemoteScorer):
     ):
         if top_logprobs < 1:
             raise ValueError(f"top_logprobs must be >= 1, got {top_logprobs}")
+        if merge_prompts < 1:
+            raise ValueError(f"merge_prompts must be >= 1, got {merge_prompts}")
         self._setup(base_url, model, tokenizer, system_prompt, delimiter, cache_size, n_parameters, extra_body,
                     api_key=api_key, max_concurrency=max_concurrency, timeout=timeout, retries=retries,
                     transport=transport)
         self.format, self.top_logprobs, self.extensions = format, int(top_logprobs), bool(extensions)
+        self.merge_prompts = int(merge_prompts)
+        self._special = self.chat_prompt("")[1]  # whether tokenizing a prompt adds special tokens
         self._good = self._keys(format.good, "the PRM good token")
         self._bad = self._keys(format.bad, "the PRM bad token")
 
@@ -271,62 +278,74 @@ class RemoteTagPRM(_RemoteScorer):
             text += self.format.separator
         return text, ends
 
-    async def _send(self, request: ScoreRequest) -> Reply:
-        text, _ = self.text(request)
-        body: dict[str, Any] = {"model": self.model, "prompt": text, "max_tokens": 1, "temperature": 0.0,
-                                "echo": True, "logprobs": self.top_logprobs}
-        if self.extensions and not self.chat_prompt(request.problem.prompt)[1]:
+    async def score_steps(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
+        self.stats.calls += 1
+        self.stats.requests += len(requests)
+        known: list[tuple[float, ...]] = []
+        units: dict[tuple[str, tuple[str, ...]], str] = {}  # prefix -> the prompt that scores it
+        owner: dict[tuple[str, tuple[str, ...]], int] = {}  # prefix -> the request its tokens are charged to
+        for i, r in enumerate(requests):
+            steps = tuple(r.steps)
+            cached = self._scores.leading(r.problem.prompt, steps)
+            self.stats.cached_steps += len(cached)
+            known.append(cached)
+            if len(cached) < len(steps):
+                text, ends = self.text(r)
+                for t in range(len(cached), len(steps)):
+                    key = (r.problem.prompt, steps[: t + 1])
+                    if key not in units:
+                        units[key], owner[key] = text[: ends[t]], i
+        keys = list(units)
+        chunks = [keys[j:j + self.merge_prompts] for j in range(0, len(keys), self.merge_prompts)]
+        scored: dict[tuple[str, tuple[str, ...]], float] = {}
+        replies = await asyncio.gather(*(self._score_prompts([units[k] for k in c]) for c in chunks))
+        for chunk, scores in zip(chunks, replies):
+            scored.update(zip(chunk, scores))
+        tokens = [0] * len(requests)
+        for key in keys:
+            if not math.isnan(scored[key]):  # a failed prompt is charged nothing (and retried next time)
+                tokens[owner[key]] += len(encode(self.tokenizer, units[key], add_special_tokens=self._special))
+            self._scores.put(key[0], key[1], [_NAN] * (len(key[1]) - 1) + [scored[key]])
+        out = []
+        for i, r in enumerate(requests):
+            steps = tuple(r.steps)
+            scores = known[i] + tuple(scored[(r.problem.prompt, steps[: t + 1])] for t in range(len(known[i]), len(steps)))
+            out.append(StepScores(scores, tokens[i]))
+        return out
+
+    async def _score_prompts(self, prompts: list[str]) -> list[float]:
+        """One merged request: the tag score after each prompt; NaN for all (never raises) on failure."""
+        body: dict[str, Any] = {"model": self.model, "prompt": prompts, "max_tokens": 1, "temperature": 0.0,
+                                "logprobs": self.top_logprobs}
+        if self.extensions and not self._special:
             body["add_special_tokens"] = False
         body.update(self.extra_body)
-        return await self.http.post("completions", body)
-
-    def _read(self, request: ScoreRequest, reply: Reply) -> list[float]:
-        text, ends = self.text(request)
-        lp = reply.data["choices"][0]["logprobs"]
-        tokens, top = lp["tokens"], lp["top_logprobs"]
-        after = self.token_after(text, self.chat_prompt(request.problem.prompt)[1], tokens, lp.get("text_offset"))
+        try:
+            reply = await self.http.post("completions", body)
+            self.stats.http_requests += 1
+            try:
+                choices = sorted(reply.data["choices"], key=lambda c: c.get("index", 0))
+                if len(choices) != len(prompts):
+                    raise ValueError(f"{len(choices)} choices for {len(prompts)} prompts")
+                tops = [c["logprobs"]["top_logprobs"][0] for c in choices]
+            except (KeyError, IndexError, TypeError, ValueError) as err:
+                raise BackendError(reply.endpoint, 200, f"unexpected response shape ({type(err).__name__}: {err})") from err
+        except BackendError as err:
+            self.stats.failed_steps += len(prompts)
+            self.stats.last_error = str(err)
+            return [_NAN] * len(prompts)
         scores = []
-        for end in ends:
-            i = after.get(end)
-            if i is None or i >= len(top) or top[i] is None:
-                scores.append(_NAN)
-                self.stats.last_error = f"{reply.endpoint}: no token starts right after a tag (tag merged by the tokenizer?)"
-                continue
-            score, bounded = tag_score(top[i], self._good, self._bad, self.top_logprobs)
+        for top in tops:
+            score, bounded = tag_score(top or {}, self._good, self._bad, self.top_logprobs)
             self.stats.bounded_steps += bounded
             if math.isnan(score):
+                self.stats.failed_steps += 1
                 self.stats.last_error = (f"{reply.endpoint}: neither {self.format.good!r} nor {self.format.bad!r} "
                                          f"is in the top {self.top_logprobs} after a tag")
-            scores.append(score)
+            else:
+                self.stats.scored_steps += 1
+            scores.append(_clip(score))
         return scores
-
-    def token_after(self, text: str, special: bool, tokens: Sequence[str], offsets: Sequence[int] | None) -> dict[int, int]:
-        """``{character offset e: index of the first returned token that starts at e}``.
-
-        Preferred: the local tokenizer's own character offsets for ``text`` (the server
-        tokenizes the same string with the same tokenizer), used when the server returned
-        exactly one token more (the generated one). Otherwise the server's
-        ``text_offset`` (or cumulative token lengths), which drift where single tokens do
-        not decode to their exact text (sentencepiece spaces, split UTF-8 characters).
-        """
-        try:
-            spans = self.tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)["offset_mapping"]
-        except (NotImplementedError, KeyError, TypeError, ValueError):  # a slow tokenizer: no offsets
-            spans = None
-        after: dict[int, int] = {}
-        if spans is not None and len(tokens) == len(spans) + 1:
-            for i, (_, end) in enumerate(spans):  # token i + 1 starts where token i ends
-                after.setdefault(int(end), i + 1)
-            return after
-        if not offsets:
-            offsets, at = [], 0
-            for token in tokens:
-                offsets.append(at)
-                at += len(token)
-        for i, offset in enumerate(offsets):
-            if i > 0:
-                after.setdefault(int(offset), i)
-        return after
 
 
 class RemoteRewardPRM(_RemoteScorer):
