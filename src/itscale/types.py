@@ -180,6 +180,9 @@ class Capabilities:
     n_per_request: bool = False
     prefix_cache: bool = False
     n_parameters: int | None = None  # for FLOP estimates
+    # A server that batches concurrent calls itself (continuous batching): callers across
+    # problems send what they have at once instead of waiting to form one population call.
+    server_batching: bool = False
 
 
 @dataclass

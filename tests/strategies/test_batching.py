@@ -91,3 +91,42 @@ def test_a_failing_batch_is_retried_per_worker_so_only_the_bad_request_fails():
     assert out[0] == ["ra"] and out[2] == ["rc"]
     assert isinstance(out[1], ValueError)
     assert calls[0] == ["a", "bad", "c"] and sorted(map(tuple, calls[1:])) == [("a",), ("bad",), ("c",)]
+
+
+def test_a_server_batching_backend_is_called_per_task_and_tasks_do_not_wait_for_each_other():
+    """A fast problem finishes its rounds while a slow one is still in its first call."""
+    from itscale.strategies.batching import BatchedGenerator
+    from itscale.types import Capabilities
+
+    class Server:
+        def __init__(self, server_batching):
+            self.capabilities = Capabilities(server_batching=server_batching)
+            self.calls, self.log = [], []
+
+        async def generate_steps(self, requests):
+            self.calls.append(list(requests))
+            await asyncio.sleep(0.05 if "slow" in requests[0] else 0.001)
+            self.log.append(requests[0])
+            return [[r] for r in requests]
+
+    def run(server_batching):
+        async def main():
+            c, server = Coalescer(), Server(server_batching)
+            gen = BatchedGenerator(server, c)
+
+            async def worker(name, rounds):
+                async with c.member():
+                    for r in range(rounds):
+                        await gen.generate_steps([f"{name}.{r}"])
+
+            await asyncio.gather(worker("slow", 1), worker("fast", 3))
+            return server
+
+        return asyncio.run(main())
+
+    direct = run(True)
+    assert [len(call) for call in direct.calls] == [1, 1, 1, 1]
+    assert direct.log == ["fast.0", "fast.1", "fast.2", "slow.0"]
+    coalesced = run(False)  # the broken variant for this test: one population call per round
+    assert [len(call) for call in coalesced.calls] == [2, 1, 1]
+    assert coalesced.log[0] == "slow.0"

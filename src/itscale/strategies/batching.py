@@ -10,6 +10,13 @@ the barrier cannot be reached; the coalescer then flushes once the event loop ha
 gone a full iteration without a new submission, so batching degrades gracefully
 instead of deadlocking.
 
+A backend that batches concurrent calls itself (an HTTP server with continuous
+batching: ``Capabilities.server_batching``) is called directly by each task instead:
+one population call would return only when its slowest request does, holding every
+problem at the pace of the slowest step. Called per problem, problems drift apart,
+one problem's scoring overlaps another's generation (policy and PRM servers both stay
+busy), and the server keeps its batch full.
+
 ``BatchedGenerator`` / ``BatchedPRM`` / ``BatchedOutcome`` wrap real backends with
 the same protocols, so strategies never know they are batched. When a combined call
 fails, each waiting task's requests are sent again on their own, so a failure reaches
@@ -128,6 +135,8 @@ class BatchedGenerator:
         return self.inner.capabilities
 
     async def generate_steps(self, requests):
+        if self.capabilities.server_batching:
+            return await self.inner.generate_steps(requests)
         return await self.coalescer.submit("policy", self.inner.generate_steps, requests)
 
 
@@ -141,6 +150,8 @@ class BatchedPRM:
         return self.inner.capabilities
 
     async def score_steps(self, requests):
+        if self.capabilities.server_batching:
+            return await self.inner.score_steps(requests)
         return await self.coalescer.submit("prm", self.inner.score_steps, requests)
 
 

@@ -3,8 +3,9 @@
 Each problem runs as its own task with its own random stream; all of them share a
 :class:`~itscale.strategies.batching.Coalescer`, so each round of the method is a
 single policy call and a single scorer call covering every live particle of every
-problem in flight. A problem whose run raises gets a ``status="error"`` result; the
-others go on.
+problem in flight (a backend that is a batching server is called per problem
+instead, see :mod:`~itscale.strategies.batching`). A problem whose run raises gets a
+``status="error"`` result; the others go on.
 """
 
 from __future__ import annotations
