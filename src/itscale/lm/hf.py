@@ -244,7 +244,8 @@ class HFGenerator:
             if self.max_positions and contexts[i].node is not None:  # stop at the model's last position
                 limit = min(limit, self.max_positions - contexts[i].node.length)
             rows.extend(_Row(i, contexts[i], r.params, tuple(r.stop), table[j], limit) for j in range(r.k))
-        live = [row for row in rows if row.ctx.error is None]
+        # chunks of similar context lengths pad less (rows of one context stay together)
+        live = sorted((row for row in rows if row.ctx.error is None), key=lambda row: row.ctx.node.length)
         for start in range(0, len(live), self.max_batch):
             self._decode(live[start:start + self.max_batch])
         outputs: list[list[Step]] = [[] for _ in requests]
@@ -357,9 +358,11 @@ class HFGenerator:
         where = {id(n): i for i, n in enumerate(nodes)}
         index = torch.tensor([where[id(row.ctx.node)] for row in rows], device=self.device)
         template = any_kv(nodes)
-        keys, values, P = left_padded_kv(nodes, len(template), template)
         spare = max(row.limit for row in rows) + 1
-        cache = buffered_cache([k.index_select(0, index) for k in keys], [v.index_select(0, index) for v in values], spare)
+        keys, values, P = left_padded_kv(nodes, len(template), template, spare)
+        if len(nodes) < len(rows):  # copies of a context (k > 1): one buffer row each
+            keys, values = [k.index_select(0, index) for k in keys], [v.index_select(0, index) for v in values]
+        cache = buffered_cache(keys, values, P)
         lengths = torch.tensor([row.ctx.node.length for row in rows], dtype=torch.long)
         mask = (torch.arange(P)[None, :] >= (P - lengths)[:, None]).long()
         positions = lengths.clone()

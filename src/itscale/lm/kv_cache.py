@@ -227,14 +227,11 @@ class BufferedLayer(DynamicLayer):
     ``keys``/``values`` are views of the filled columns, as transformers expects.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, spare: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+        """``keys``/``values`` are ``[B, heads, capacity, head_dim]`` buffers whose first ``length``
+        columns hold the cached states; the rest is spare room (used in place, never copied)."""
         super().__init__()
-        B, H, L, D = keys.shape
-        self._k = keys.new_empty((B, H, L + spare, D))
-        self._v = values.new_empty((B, values.shape[1], L + spare, values.shape[3]))
-        self._k[:, :, :L] = keys
-        self._v[:, :, :L] = values
-        self._len = L
+        self._k, self._v, self._len = keys, values, int(length)
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
         self._views()
 
@@ -259,20 +256,22 @@ class BufferedLayer(DynamicLayer):
         self._views()
 
 
-def buffered_cache(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], spare: int) -> DynamicCache:
-    """A DynamicCache of :class:`BufferedLayer` holding ``keys``/``values`` with room for ``spare`` more tokens."""
+def buffered_cache(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], length: int) -> DynamicCache:
+    """A DynamicCache of :class:`BufferedLayer` over per-layer buffers whose first ``length`` columns are filled."""
     cache = DynamicCache()
-    cache.layers = [BufferedLayer(k, v, spare) for k, v in zip(keys, values)]
+    cache.layers = [BufferedLayer(k, v, length) for k, v in zip(keys, values)]
     cache.layer_class_to_replicate = None
     return cache
 
 
-
-def left_padded_kv(nodes: Sequence[KVNode], n_layers: int, template: KV | None) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+def left_padded_kv(nodes: Sequence[KVNode], n_layers: int, template: KV | None,
+                   spare: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
     """Keys and values of the contexts ending at ``nodes``, left-padded to the longest.
 
-    Returns per-layer lists of ``[B, heads, P, head_dim]`` tensors and ``P``. ``template``
-    (any stored KV) gives the shapes, dtype and device when every context is empty.
+    Returns per-layer lists of ``[B, heads, P + spare, head_dim]`` tensors and ``P``: the
+    first ``P`` columns hold the states (zeros as padding), the last ``spare`` are
+    uninitialised room for a decode to write into. ``template`` (any stored KV) gives
+    the shapes, dtype and device.
     """
     P = max((n.length for n in nodes), default=0)
     B = len(nodes)
@@ -281,8 +280,11 @@ def left_padded_kv(nodes: Sequence[KVNode], n_layers: int, template: KV | None) 
     keys, values = [], []
     for layer in range(n_layers):
         k0, v0 = template[layer]
-        keys.append(k0.new_zeros((B, k0.shape[0], P, k0.shape[2])))
-        values.append(v0.new_zeros((B, v0.shape[0], P, v0.shape[2])))
+        k, v = k0.new_empty((B, k0.shape[0], P + spare, k0.shape[2])), v0.new_empty((B, v0.shape[0], P + spare, v0.shape[2]))
+        k[:, :, :P].zero_()
+        v[:, :, :P].zero_()
+        keys.append(k)
+        values.append(v)
     for b, node in enumerate(nodes):
         pos = P - node.length
         for seg in node.chain():
