@@ -49,6 +49,26 @@ SAMPLING = SamplingParams(temperature=0.8, max_step_tokens=24)
 METHODS = {"particle_filtering": "particle filtering", "best_of_n": "best-of-N"}
 
 
+SERVER_COUNTERS = {"iterations": "vllm:iteration_tokens_total_count", "prompt": "vllm:prompt_tokens_total",
+                   "cached": "vllm:prefix_cache_hits_total", "generated": "vllm:generation_tokens_total"}
+
+
+def server_counters(url: str) -> dict[str, float]:
+    """vLLM's Prometheus counters (``{server}/metrics``) for the engine; empty if not a vLLM server."""
+    import httpx
+
+    try:
+        text = httpx.get(url.rsplit("/v1", 1)[0] + "/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return {}
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        for key, metric in SERVER_COUNTERS.items():
+            if line.startswith(metric + "{"):
+                values[key] = values.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return values
+
+
 def backends(policy_url: str, prm_url: str, max_concurrency: int) -> tuple[Timed, Timed]:
     """Fresh clients (no client-side PRM cache carried between methods), timed."""
     policy = OpenAIGenerator(policy_url, served_model(policy_url, None, "policy"), tokenizer=zoo.policy_path(),
@@ -71,22 +91,27 @@ def run_method(name: str, problems, budget: int, policy_url: str, prm_url: str, 
     policy, prm = backends(policy_url, prm_url, max_concurrency)
     strategy = make_strategy(name, policy, prm, format=arithmetic.STEP_FORMAT, sampling=SAMPLING)
 
+    server: dict[str, float] = {}
+
     async def go():
         await warm_up(policy, prm)
         policy.seconds = prm.seconds = 0.0
         usage_before = (policy.inner.http.usage.requests, prm.inner.http.usage.requests)
-        t = time.perf_counter()
+        before = server_counters(policy_url)
+        t, cpu = time.perf_counter(), time.process_time()
         results = await run_many(strategy, problems, budget, seed=0)
-        wall = time.perf_counter() - t
+        wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+        after = server_counters(policy_url)
+        server.update({k: after[k] - before[k] for k in after if k in before})
         requests = (policy.inner.http.usage.requests - usage_before[0], prm.inner.http.usage.requests - usage_before[1])
         await policy.inner.aclose()
         await prm.inner.aclose()
-        return results, wall, requests
+        return results, wall, cpu, requests
 
-    results, wall, (policy_requests, prm_requests) = asyncio.run(go())
+    results, wall, cpu, (policy_requests, prm_requests) = asyncio.run(go())
     generated = sum(r.cost.generated_tokens for r in results)
     correct = sum(bool(r.solution) and arithmetic.is_correct(r.problem, r.solution) for r in results)
-    return dict(wall=wall, policy_s=policy.seconds, prm_s=prm.seconds, generated=generated,
+    return dict(wall=wall, client_cpu=cpu, server=server, policy_s=policy.seconds, prm_s=prm.seconds, generated=generated,
                 prm_tokens=sum(r.cost.prm_tokens for r in results), policy_requests=policy_requests,
                 prm_requests=prm_requests, accuracy=correct / len(results),
                 failed=sum(not r.ok for r in results))
@@ -100,6 +125,8 @@ def main() -> None:
     ap.add_argument("--policy-url", help="a running OpenAI-compatible server for the policy (default: start vLLM)")
     ap.add_argument("--prm-url", help="a running OpenAI-compatible server for the PRM (default: start vLLM)")
     ap.add_argument("--max-concurrency", type=int, default=64, help="HTTP requests in flight per client")
+    ap.add_argument("--vllm-args", default="", help="extra flags for the vLLM servers this script starts, "
+                                                    "e.g. '--max-num-seqs 512'")
     args = ap.parse_args()
     if (args.policy_url is None) != (args.prm_url is None):
         ap.error("give both --policy-url and --prm-url, or neither")
@@ -111,7 +138,7 @@ def main() -> None:
         else:
             print(f"starting vLLM for {zoo.policy_path()} and {prm_dir()} ...", flush=True)
             t = time.perf_counter()
-            policy_server, prm_server = stack.enter_context(start_vllms(zoo.policy_path(), prm_dir()))
+            policy_server, prm_server = stack.enter_context(start_vllms(zoo.policy_path(), prm_dir(), extra_args=args.vllm_args.split()))
             startup = time.perf_counter() - t
             policy_url, prm_url = policy_server.url, prm_server.url
             print(f"vLLM ready in {startup:.1f} s (policy {policy_server.ready_after:.1f} s, "
@@ -121,15 +148,23 @@ def main() -> None:
         rows = {name: run_method(name, problems, args.particles, policy_url, prm_url, args.max_concurrency)
                 for name in METHODS}
 
-    print(f"\n{'':<20}{'wall s':>8}{'policy s':>10}{'PRM s':>8}{'generated':>11}{'tokens/s':>10}"
+    print(f"\n{'':<20}{'wall s':>8}{'client CPU s':>14}{'policy s':>10}{'PRM s':>8}{'generated':>11}{'tokens/s':>10}"
           f"{'PRM tokens':>12}{'requests':>16}{'accuracy':>10}{'failed':>8}")
     for name, label in METHODS.items():
         r = rows[name]
-        print(f"{label:<20}{r['wall']:>8.1f}{r['policy_s']:>10.1f}{r['prm_s']:>8.1f}{r['generated']:>11,}"
+        print(f"{label:<20}{r['wall']:>8.1f}{r['client_cpu']:>14.1f}{r['policy_s']:>10.1f}{r['prm_s']:>8.1f}{r['generated']:>11,}"
               f"{r['generated'] / r['wall']:>10,.0f}{r['prm_tokens']:>12,}"
               f"{r['policy_requests']:>8,}/{r['prm_requests']:<7,}{100 * r['accuracy']:>9.1f}%{r['failed']:>8}")
+    if all(rows[name]["server"] for name in METHODS):
+        print(f"\npolicy server (vLLM counters){'iterations':>14}{'prompt tokens':>16}{'prefix-cached':>15}"
+              f"{'prefilled':>11}{'generated':>11}")
+        for name, label in METHODS.items():
+            c = rows[name]["server"]
+            print(f"{label:<29}{c['iterations']:>14,.0f}{c['prompt']:>16,.0f}{c['cached']:>15,.0f}"
+                  f"{c['prompt'] - c['cached']:>11,.0f}{c['generated']:>11,.0f}")
     pf, bon = rows["particle_filtering"], rows["best_of_n"]
-    print("(requests: policy/PRM HTTP requests; policy s and PRM s: wall time inside each backend's calls)")
+    print("(requests: policy/PRM HTTP requests; policy s and PRM s: wall time during which a call to that "
+          "backend was in flight; client CPU s: this process's CPU time, which the servers do not get)")
     print(f"\nPF / BoN wall time = {pf['wall'] / bon['wall']:.2f} (target ≤ 1.3); "
           f"generated tokens PF / BoN = {pf['generated'] / max(bon['generated'], 1):.2f}")
     if startup is not None:

@@ -69,7 +69,11 @@ VLLM_ENV = {
 #: crashes (``RuntimeError: CPU Generator does not use offset``, and the whole server
 #: exits) when a *seeded* request's prefill is split across scheduler steps, which
 #: happens as soon as a batch's prompts exceed the token budget (e.g. 64 particles).
-VLLM_ARGS = ("--enforce-eager", "--dtype", "float32", "--no-enable-chunked-prefill", "--disable-uvicorn-access-log")
+#: ``--block-size 32``: on CPU vLLM's KV blocks default to 128 tokens, and its prefix cache
+#: only reuses whole blocks, so with the embedded models' short contexts (at most 256
+#: tokens) nothing is ever reused: every particle's step re-reads its whole context.
+VLLM_ARGS = ("--enforce-eager", "--dtype", "float32", "--no-enable-chunked-prefill", "--block-size", "32",
+             "--disable-uvicorn-access-log")
 START_TIMEOUT = 600.0
 STOP_GRACE = 20.0
 POLL = 0.5
@@ -242,9 +246,9 @@ def start_vllm(model_dir: str | os.PathLike, *, port: int | None = None) -> Iter
 
 
 @contextlib.contextmanager
-def start_vllms(*model_dirs: str | os.PathLike) -> Iterator[list[VLLMServer]]:
+def start_vllms(*model_dirs: str | os.PathLike, extra_args: Sequence[str] = ()) -> Iterator[list[VLLMServer]]:
     """Several servers started together (their start-ups overlap); yields them, ready."""
-    servers = [VLLMServer(d) for d in model_dirs]
+    servers = [VLLMServer(d, extra_args=extra_args) for d in model_dirs]
     try:
         for s in servers:
             s.start()

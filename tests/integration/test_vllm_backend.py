@@ -89,9 +89,9 @@ def hf_prm():
     return HFTagPRM.from_pretrained(PRM, delimiter=arithmetic.DELIMITER, run_in_thread=False)
 
 
-def policy(url: str, **http) -> OpenAIGenerator:
+def policy(url: str, merge_prompts: int = 256, **http) -> OpenAIGenerator:
     """A generator for the embedded policy (tokenizer from the served folder); fast backoff."""
-    return OpenAIGenerator(EndpointPool(url, backoff_base=0.01, **http), str(POLICY))
+    return OpenAIGenerator(EndpointPool(url, backoff_base=0.01, **http), str(POLICY), merge_prompts=merge_prompts)
 
 
 def prm(url: str, **http) -> RemoteTagPRM:
@@ -171,6 +171,19 @@ def test_n_samples_per_request(policy_url):
     assert len({s.text for s in steps}) >= 3  # diverse at temperature 1.5
     assert gen.http.usage.requests == 1 and gen.capabilities.n_per_request  # one request with n=8
     assert steps[0].prompt_tokens > 0 and all(s.prompt_tokens == 0 for s in steps[1:])
+
+
+def test_merged_requests_sample_every_copy_and_seeded_requests_repeat(policy_url):
+    gen = policy(policy_url)  # merging on (the default)
+    a, b = generate(gen, [request(PROBLEMS[0], k=8, temperature=1.5), request(PROBLEMS[1], k=8, temperature=1.5)])
+    assert gen.http.usage.requests == 1  # 16 prompts in one HTTP request
+    assert all(s.error is None and s.tokens > 0 for s in a + b)
+    assert len({s.text for s in a}) >= 3 and len({s.text for s in b}) >= 3  # copies are sampled apart
+    assert a[0].prompt_tokens > 0 and b[0].prompt_tokens > 0 and a[1].prompt_tokens == 0
+    seeded = [request(PROBLEMS[0], k=4, temperature=1.5, seed=5), request(PROBLEMS[1], temperature=1.5, seed=6)]
+    first = generate(policy(policy_url, merge_prompts=1), seeded)
+    again = generate(policy(policy_url, merge_prompts=1), seeded)
+    assert [[s.text for s in o] for o in first] == [[s.text for s in o] for o in again]
 
 
 def test_whole_solutions_longer_than_the_context_are_capped(policy_url):
