@@ -323,3 +323,22 @@ def test_budget_bounds_every_round_and_cost_counts_every_call(task, name, params
         assert policy.per_call == [budget] and len(r.candidates) == budget
     if name == "adaptive_self_consistency":
         assert sum(policy.per_call) == r.extras["samples"] <= budget
+
+
+def test_particle_filtering_answers_with_the_heaviest_solution_not_the_heaviest_copy():
+    """π̂(x) = Σ_i W_i·1[x_i = x]: three copies of one solution (weight 0.2 each) outweigh a
+    single particle of weight 0.4, though each copy alone weighs less."""
+    from itscale.strategies.particle_filtering import merge_copies
+    from itscale.types import Particle, Problem, Step
+
+    problem = Problem("p", "Start at 1. Apply in order: +1.")
+    a = Particle(problem).extend(Step("Answer: 2"), True)
+    b = Particle(problem).extend(Step("Answer: 3"), True)
+    particles, weights = merge_copies([a, b, a, None, a], [0.2, 0.4, 0.2, 0.0, 0.2])
+    assert [p.text for p in particles] == [a.text, b.text] and weights == pytest.approx([0.6, 0.4])
+    from itscale.strategies.base import candidates, choose
+
+    rng = np.random.default_rng(0)
+    assert choose(candidates(particles, weights), "argmax", str, rng).text == a.text
+    # the broken variant (copies compared one by one) picks the single heavier particle
+    assert choose(candidates([a, b, a, a], [0.2, 0.4, 0.2, 0.2]), "argmax", str, rng).text == b.text

@@ -3,8 +3,15 @@
 Particle filtering: N particles, one step each per round, weights from
 ``EveryStep(prm, link, temperature)``: Δℓ_t = link(s_t)/T with s_t the aggregated
 PRM score of the partial solution. Resample every step (the paper) or by ESS.
-The answer is the highest-weight particle, one drawn ∝ weight, or the answer with
-the largest total weight (``selection``).
+The answer is the heaviest solution, one drawn ∝ weight, or the answer with the
+largest total weight (``selection``).
+
+Copies of one solution (resampling duplicates them) are one candidate whose weight
+is the sum of theirs: the particle approximation of the posterior is
+π̂(x) = Σ_i W_i·1[x_i = x], so "argmax" returns its mode. (Comparing copies one by
+one would ignore how often resampling chose a solution: after the last resampling
+every copy weighs the same, and a solution that finished early — increment 0 since
+— would lose to any single particle whose last step scored above even.)
 
 Twisted SMC: ``Twisted(reward, twist=prm, beta)``: the target is p(x)·r(x)^β with
 r the outcome score (outcome scorer if given, else the PRM's final score); the PRM
@@ -66,7 +73,21 @@ def _result(strategy: Strategy, ctx: RunContext, budget: int, smc, selection: st
     )
     if not smc.ok:
         return strategy.result(ctx, budget, [], [], message=smc.message, **fields)
-    return strategy.result(ctx, budget, smc.states, smc.weights, selection=selection, **fields)
+    particles, weights = merge_copies(smc.states, smc.weights)
+    return strategy.result(ctx, budget, particles, weights, selection=selection, **fields)
+
+
+def merge_copies(particles, weights) -> tuple[list, list[float]]:
+    """One particle per distinct solution text, weighing the sum of its copies' weights
+    (first-seen order; dead particles, ``None`` or weight 0, are dropped)."""
+    total: dict[str, float] = {}
+    first: dict[str, Particle] = {}
+    for p, w in zip(particles, weights):
+        if p is None or not w > 0:
+            continue
+        total[p.text] = total.get(p.text, 0.0) + float(w)
+        first.setdefault(p.text, p)
+    return [first[t] for t in total], list(total.values())
 
 
 class _SMCStrategy(Strategy):
