@@ -11,7 +11,7 @@ PYTEST_ARGS ?= -n auto --dist loadgroup
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[test,hf,bench,http]"
+	$(PY) -m pip install -e ".[test,hf,bench,http,serve]"
 	touch $@
 
 # The HTML report is tested in headless Chromium (Debian's package).

@@ -256,10 +256,119 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_demo)
 
 
+# --------------------------------------------------------------------------- serve
+
+SERVE_HELP = """\
+Serve an OpenAI-compatible API that answers each request with an inference-time
+scaling method: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
+
+With no --policy/--prm it serves the embedded model pair as model "tiny". A request
+picks its method and budget with a model suffix (model="tiny:pf-16", "tiny:bon-8",
+"tiny:greedy") or with extra_body={"itscale": {"method": "particle_filtering",
+"budget": 16, "params": {...}}}. Aliases: pf, tsmc, pg, pt, bon, wbon, sc/majority,
+asc, beam, dvts, greedy.
+
+Keys: --api-key-file FILE has one key per line, optionally followed by its limits
+(name=alice max_budget=64 max_tokens=1024 max_running=4); ITSCALE_API_KEYS holds
+comma-separated keys with the server's limits. Without keys the server is open and
+may listen on loopback only (unless --allow-open).
+"""
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from .serve.auth import KeyFileError
+    from .serve.config import Limits, ServeConfig
+    from .serve.errors import field_path
+    from .serve.methods import ALIASES
+    from .serve.server import StartupError, configure_logging, key_ring, serve
+
+    configure_logging(ns.log_level)
+    default_method = ns.default_method or ("self_consistency" if ns.prm.lower() == "none" else "particle_filtering")
+    try:
+        limits = Limits(max_budget=ns.max_budget, max_tokens=ns.max_tokens)
+        config = ServeConfig(
+            policy=ns.policy, prm=ns.prm, prm_kind=ns.prm_kind, policy_served_model=ns.policy_served_model,
+            prm_served_model=ns.prm_served_model, policy_tokenizer=ns.policy_tokenizer,
+            prm_tokenizer=ns.prm_tokenizer, served_model_name=ns.served_model_name, format=ns.format,
+            threads=ns.threads, max_batch=ns.max_batch, temperature=ns.temperature, top_p=ns.top_p,
+            step_tokens=ns.step_tokens, default_method=ALIASES.get(default_method, default_method), default_budget=ns.default_budget,
+            limits=limits, host=ns.host, port=ns.port, allow_open=ns.allow_open, max_running=ns.max_running,
+            max_queue=ns.max_queue, request_timeout=ns.request_timeout, graceful_timeout=ns.graceful_timeout,
+            progress_interval=ns.progress_interval)
+        keys = key_ring(config, ns.api_key or (), ns.api_key_file)
+    except ValidationError as err:
+        for e in err.errors():
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["loc"]:
+                msg = f"{field_path(e['loc']).removeprefix('limits.')}: {msg}"
+            flag = msg.split(":", 1)[0]  # the field, written as its option
+            print(f"itscale serve: --{flag.replace('_', '-')}{msg[len(flag):]}", file=sys.stderr)
+        return 2
+    except (KeyFileError, StartupError) as err:
+        print(f"itscale serve: {err}", file=sys.stderr)
+        return 2
+    try:
+        serve(config, keys, log_level=ns.log_level, access_log=not ns.no_access_log)
+    except (ValueError, FileNotFoundError) as err:  # a model that cannot be loaded or reached
+        print(f"itscale serve: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible server applying a scaling method per request",
+                       description=SERVE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("models")
+    g.add_argument("--policy", default="embedded", help="'embedded', a Hugging Face folder, or an http(s):// "
+                                                         "OpenAI-compatible URL [embedded]")
+    g.add_argument("--prm", default="embedded", help="'embedded', a folder, a URL, or 'none' [embedded]")
+    g.add_argument("--prm-kind", default="tag", choices=["tag", "classifier"], help="how a PRM folder scores [tag]")
+    g.add_argument("--policy-served-model", help="model name on the policy URL (default: the only one)")
+    g.add_argument("--prm-served-model", help="model name on the PRM URL (default: the only one)")
+    g.add_argument("--policy-tokenizer", help="local tokenizer folder for a policy URL")
+    g.add_argument("--prm-tokenizer", help="local tokenizer folder for a PRM URL")
+    g.add_argument("--served-model-name", help="model name clients use (default: 'tiny' for the embedded policy)")
+    g.add_argument("--format", choices=["arithmetic", "math"],
+                   help="step format (default: arithmetic for the embedded policy, math otherwise)")
+    g.add_argument("--threads", type=int, help="torch CPU threads")
+    g.add_argument("--max-batch", type=int, default=256, help="rows the local policy decodes together [256]")
+    g = p.add_argument_group("methods and limits")
+    g.add_argument("--default-method",
+                   help="method when a request names none [particle_filtering; self_consistency with --prm none]")
+    g.add_argument("--default-budget", type=int, default=8, help="budget when a request names none [8]")
+    g.add_argument("--max-budget", type=int, default=64, help="largest budget per request (keys may override) [64]")
+    g.add_argument("--max-tokens", type=int, default=512,
+                   help="largest max_tokens per candidate solution, and the default (keys may override) [512]")
+    g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when a request sets none")
+    g.add_argument("--top-p", type=float, default=1.0, help="top-p when a request sets none [1.0]")
+    g.add_argument("--step-tokens", type=int, default=48, help="token limit of one step [48]")
+    g = p.add_argument_group("network, keys and load")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on [127.0.0.1]")
+    g.add_argument("--port", type=int, default=8000, help="port [8000]")
+    g.add_argument("--api-key", action="append", metavar="KEY",
+                   help="accept this key (repeatable; visible in ps: prefer --api-key-file or ITSCALE_API_KEYS)")
+    g.add_argument("--api-key-file", metavar="FILE", help="keys, one per line, with optional limits")
+    g.add_argument("--allow-open", action="store_true", help="allow serving without keys on a non-loopback host")
+    g.add_argument("--max-running", type=int, default=32, help="requests running at once [32]")
+    g.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot; more get 429 [256]")
+    g.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds per request, queue included (504 after) [300]")
+    g.add_argument("--graceful-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get at shutdown [30]")
+    g.add_argument("--progress-interval", type=float, default=1.0,
+                   help="seconds between streamed progress comments [1]")
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g.add_argument("--no-access-log", action="store_true", help="no uvicorn line per HTTP request")
+    p.set_defaults(func=_serve)
+
+
 # --------------------------------------------------------------------------- entry point
 
 #: One function per command group; later groups (demo, bench, serve, solve) append theirs.
-PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [add_zoo_parser, add_bench_parser]
+PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [add_zoo_parser, add_bench_parser,
+                                                                add_serve_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

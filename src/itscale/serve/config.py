@@ -1,0 +1,117 @@
+"""Server settings and the limits that apply to each API key.
+
+:class:`ServeConfig` holds everything ``itscale serve`` is started with; every field
+is validated, and a bad value fails at start-up with the option's name. The
+:class:`Limits` of a request are its API key's own limits when the key file gives
+them, else the server's (``--max-budget``, ``--max-tokens``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..strategies import STRATEGIES
+
+#: The base model name of the embedded policy (``tiny:pf-16`` selects particle filtering).
+EMBEDDED_NAME = "tiny"
+
+
+class Limits(BaseModel):
+    """What one API key may ask for.
+
+    ``max_budget`` bounds ``itscale.budget``; ``max_tokens`` bounds ``max_tokens`` (the
+    tokens of each candidate solution, so a request generates at most about
+    ``budget × max_tokens`` tokens); ``max_running`` bounds this key's requests in the
+    server at once (running or queued; ``None``: only the server's bounds apply)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_budget: int = Field(64, ge=1)
+    max_tokens: int = Field(512, ge=1)
+    max_running: int | None = Field(None, ge=1)
+
+
+class ServeConfig(BaseModel):
+    """The settings of one server (the ``itscale serve`` options)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # models
+    policy: str = Field("embedded", description="'embedded', a Hugging Face folder, or an http(s):// URL")
+    prm: str = Field("embedded", description="'embedded', a folder, an http(s):// URL, or 'none'")
+    prm_kind: Literal["tag", "classifier"] = "tag"
+    policy_served_model: str | None = None
+    prm_served_model: str | None = None
+    policy_tokenizer: str | None = None
+    prm_tokenizer: str | None = None
+    served_model_name: str | None = Field(None, description="the model name clients use (default: derived)")
+    format: str | None = Field(None, description="step format: arithmetic | math (default: arithmetic for the "
+                                                 "embedded policy, math otherwise)")
+    threads: int | None = Field(None, ge=1)
+    max_batch: int = Field(256, ge=1)
+    prm_max_batch: int = Field(128, ge=1)
+    # sampling and methods
+    temperature: float = Field(0.8, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    step_tokens: int = Field(48, ge=1, description="token limit of one step")
+    default_method: str = "particle_filtering"
+    default_budget: int = Field(8, ge=1)
+    limits: Limits = Limits()
+    # network and load
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    allow_open: bool = False
+    max_running: int = Field(32, ge=1, description="requests running at once")
+    max_queue: int = Field(256, ge=0, description="requests waiting for a slot; beyond it: 429")
+    request_timeout: float = Field(300.0, gt=0, description="seconds from arrival to answer, queue included")
+    graceful_timeout: float = Field(30.0, ge=0, description="seconds in-flight requests get at shutdown")
+    progress_interval: float = Field(1.0, gt=0, description="seconds between streamed progress comments")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServeConfig":
+        from ..bench.config import FORMATS
+
+        if self.default_method not in STRATEGIES:
+            raise ValueError(f"default_method: unknown method {self.default_method!r}; choose one of: "
+                             f"{', '.join(sorted(STRATEGIES))}")
+        if self.prm_enabled is False and STRATEGIES[self.default_method].needs_prm:
+            raise ValueError(f"default_method: {self.default_method} needs a reward model but prm is 'none'; "
+                             "choose e.g. self_consistency")
+        if self.default_budget > self.limits.max_budget:
+            raise ValueError(f"default_budget: {self.default_budget} exceeds max_budget {self.limits.max_budget}")
+        if self.format is not None and self.format not in FORMATS:
+            raise ValueError(f"format: unknown step format {self.format!r}; choose one of {sorted(FORMATS)}")
+        return self
+
+    @property
+    def prm_enabled(self) -> bool:
+        return self.prm.lower() != "none"
+
+    @property
+    def step_format_name(self) -> str:
+        return self.format or ("arithmetic" if self.policy == "embedded" else "math")
+
+    @property
+    def loopback(self) -> bool:
+        """Whether the server listens on loopback only."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def model_name(self, resolved_policy: str | None = None) -> str:
+        """The base model name of ``/v1/models``: ``served_model_name``, else ``tiny`` for
+        the embedded policy, the served name of a remote one, or the folder's name."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.policy == "embedded":
+            return EMBEDDED_NAME
+        if self.policy.startswith(("http://", "https://")):
+            return resolved_policy or self.policy_served_model or "remote"
+        return Path(self.policy).expanduser().resolve().name

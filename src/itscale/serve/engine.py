@@ -1,0 +1,298 @@
+"""The engine: the loaded backends, shared by every request, and one strategy run per request.
+
+Batching across requests
+------------------------
+The policy and PRM sit behind one :class:`~itscale.strategies.batching.Coalescer`
+(the bench's runner uses the same one): every running request is a member, and a
+round in which all of them wait on the policy becomes one backend call covering
+every live particle of every request. Requests join and leave at any time; one that
+arrives while a call is in flight is served with the next call.
+
+A local backend runs one call at a time (a model on this machine), so requests that
+arrive while a call is running would otherwise queue behind it one by one.
+:class:`MergeInFlight` merges every call that arrives while one is in flight into a
+single next call (continuous batching at the granularity of a backend call). A
+backend that batches by itself (an HTTP server: ``capabilities.server_batching``) is
+called directly.
+
+Per-request view of the backends
+--------------------------------
+Each request sees the shared backends through :class:`RequestPolicy` and
+:class:`RequestPRM`, which
+
+- count its calls and tokens as they happen (streamed as progress comments), and
+- cap each candidate solution at ``max_tokens`` generated tokens: a request to
+  continue a particle that has generated ``u`` tokens asks for at most
+  ``max_tokens − u`` more; a step that reaches the cap ends the particle
+  (``finish_reason="length"`` in the response when the chosen solution is one of
+  them); a particle already at the cap gets an empty final step without a backend call.
+
+Randomness: each run draws from ``numpy.random.default_rng(seed)``; the backends'
+sampling seeds come from that stream (design 3.4), so a request with a ``seed`` is
+reproducible. Cancelling the task that runs a request (client gone, timeout,
+shutdown) stops it at its next backend call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..strategies import make_strategy
+from ..strategies.base import Strategy
+from ..strategies.batching import BatchedGenerator, BatchedPRM, Coalescer
+from ..types import Problem, Result, ScoreRequest, Step, StepFormat, StepRequest, StepScores
+from .config import ServeConfig
+from .errors import invalid
+from .jobs import Job
+
+
+@dataclass
+class Progress:
+    """What one request has spent so far; listeners hear about every backend call."""
+
+    started: float = field(default_factory=time.perf_counter)
+    policy_calls: int = 0
+    prm_calls: int = 0
+    generated_tokens: int = 0
+    prm_tokens: int = 0
+    listeners: list[Callable[["Progress"], None]] = field(default_factory=list)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"policy_calls": self.policy_calls, "prm_calls": self.prm_calls,
+                "generated_tokens": self.generated_tokens, "prm_tokens": self.prm_tokens,
+                "elapsed_s": round(time.perf_counter() - self.started, 3)}
+
+    def notify(self) -> None:
+        for listener in self.listeners:
+            listener(self)
+
+
+class RequestPolicy:
+    """The shared policy as one request sees it: token cap and progress (module docstring)."""
+
+    def __init__(self, inner, max_tokens: int, progress: Progress, on_tokens: Callable[[int], None] | None = None):
+        self.inner, self.max_tokens, self.progress = inner, max_tokens, progress
+        self.on_tokens = on_tokens
+        self.capped: list[Step] = []  # steps that ended at the cap (kept alive: compared by identity)
+        self.errors: dict[str, int] = {}  # why continuations failed, and how often
+
+    @property
+    def capabilities(self):
+        return self.inner.capabilities
+
+    def cut(self, step: Step) -> bool:
+        """Whether a solution ending with ``step`` was cut short: at the token cap, or
+        at a length limit (``finish_reason="length"``)."""
+        return step.finish_reason == "length" or any(step is s for s in self.capped)
+
+    async def generate_steps(self, requests: Sequence[StepRequest]) -> list[list[Step]]:
+        used = [sum(s.tokens for s in r.steps) for r in requests]
+        live = [i for i, u in enumerate(used) if u < self.max_tokens]
+        sent = [dataclasses.replace(requests[i], params=dataclasses.replace(
+            requests[i].params, max_step_tokens=min(requests[i].params.max_step_tokens, self.max_tokens - used[i])))
+            for i in live]
+        answers = await self.inner.generate_steps(sent) if sent else []
+        out: list[list[Step]] = []
+        for r in requests:  # particles already at the cap end with an empty step
+            steps = [Step("", finish_reason="eos") for _ in range(r.k)]
+            self.capped.extend(steps)
+            out.append(steps)
+        for i, steps in zip(live, answers):
+            fixed = []
+            stepwise = bool(requests[i].stop)  # a whole solution (stop=()) is finished anyway
+            for step in steps:
+                if step.failed:
+                    reason = step.error or "unknown error"
+                    self.errors[reason] = self.errors.get(reason, 0) + 1
+                if stepwise and step.finish_reason == "length" and used[i] + step.tokens >= self.max_tokens:
+                    step = dataclasses.replace(step, finish_reason="eos")  # ends the particle
+                    self.capped.append(step)
+                fixed.append(step)
+            out[i] = fixed
+        if not sent:
+            return out
+        tokens = sum(s.tokens for steps in answers for s in steps)
+        self.progress.policy_calls += 1
+        self.progress.generated_tokens += tokens
+        if self.on_tokens is not None:
+            self.on_tokens(tokens)
+        self.progress.notify()
+        return out
+
+
+class RequestPRM:
+    """The shared PRM as one request sees it: progress counting only."""
+
+    def __init__(self, inner, progress: Progress):
+        self.inner, self.progress = inner, progress
+
+    @property
+    def capabilities(self):
+        return self.inner.capabilities
+
+    async def score_steps(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
+        out = await self.inner.score_steps(requests)
+        self.progress.prm_calls += 1
+        self.progress.prm_tokens += sum(s.tokens for s in out)
+        self.progress.notify()
+        return out
+
+
+class MergeInFlight:
+    """One backend call in flight at a time; calls that arrive meanwhile are merged into
+    the next one. Results go back to each caller in order; if a merged call fails, each
+    caller's requests are retried on their own, so a failure reaches only its owner."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.calls = 0  # backend calls made (each covering one or more callers)
+        self._pending: list[tuple[str, list, asyncio.Future]] = []
+        self._busy = False
+
+    @property
+    def capabilities(self):
+        return self.inner.capabilities
+
+    def clear_cache(self) -> None:
+        clear = getattr(self.inner, "clear_cache", None)
+        if clear is not None:
+            clear()
+
+    async def generate_steps(self, requests):
+        return await self._submit("generate_steps", requests)
+
+    async def score_steps(self, requests):
+        return await self._submit("score_steps", requests)
+
+    async def _submit(self, method: str, items: Sequence) -> list:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((method, list(items), future))
+        if not self._busy:
+            self._busy = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                for method in dict.fromkeys(m for m, _, _ in batch):
+                    await self._call(method, [(items, f) for m, items, f in batch if m == method])
+        finally:
+            self._busy = False
+
+    async def _call(self, method: str, group: list[tuple[list, asyncio.Future]]) -> None:
+        live = [(items, f) for items, f in group if not f.done()]  # skip callers already cancelled
+        if not live:
+            return
+        merged = [item for items, _ in live for item in items]
+        self.calls += 1
+        try:
+            results = await getattr(self.inner, method)(merged)
+            if len(results) != len(merged):
+                raise RuntimeError(f"backend returned {len(results)} results for {len(merged)} requests")
+        except Exception as err:
+            if len(live) == 1:
+                if not live[0][1].done():
+                    live[0][1].set_exception(err)
+                return
+            for one in live:
+                await self._call(method, [one])
+            return
+        start = 0
+        for items, f in live:
+            if not f.done():
+                f.set_result(list(results[start:start + len(items)]))
+            start += len(items)
+
+
+@dataclass
+class Run:
+    """A prepared request: the strategy bound to this request's view of the backends."""
+
+    job: Job
+    strategy: Strategy
+    policy: RequestPolicy
+    progress: Progress
+
+
+class Engine:
+    """The backends and their coalescer; :meth:`prepare` then :meth:`run` per request.
+
+    ``policy``/``prm`` are any :class:`~itscale.protocols.Generator` /
+    :class:`~itscale.protocols.ProcessRewardModel` (``prm`` may be ``None``)."""
+
+    def __init__(self, policy, prm, step_format: StepFormat, model_name: str, description: dict | None = None):
+        self.coalescer = Coalescer()
+        self.backends = {"policy": _merged(policy), "prm": _merged(prm) if prm is not None else None}
+        self.policy = BatchedGenerator(self.backends["policy"], self.coalescer)
+        self.prm = BatchedPRM(self.backends["prm"], self.coalescer) if prm is not None else None
+        self.format = step_format
+        self.model_name = model_name
+        self.description = description or {}
+        self.generated_tokens = 0  # every token generated for any request, finished or not
+        self.policy_calls = 0
+
+    @classmethod
+    def load(cls, config: ServeConfig, log: Callable[[str], None] = lambda m: None) -> "Engine":
+        """Load the models the configuration names, with the bench's loader (embedded,
+        folder or URL; an unreachable URL fails here, before the server listens)."""
+        from ..bench.backends import load_backends, served_model
+        from ..bench.config import BenchConfig, PolicyConfig, PRMConfig
+
+        bench = BenchConfig(
+            policy=PolicyConfig(model=config.policy, served_model=config.policy_served_model,
+                                tokenizer=config.policy_tokenizer, temperature=config.temperature,
+                                top_p=config.top_p, max_step_tokens=config.step_tokens, threads=config.threads,
+                                max_batch=config.max_batch),
+            prm=PRMConfig(model=config.prm, kind=config.prm_kind, served_model=config.prm_served_model,
+                          tokenizer=config.prm_tokenizer, max_batch=config.prm_max_batch),
+            format=config.step_format_name,
+            methods=[{"name": "greedy"}],
+        )
+        log(f"loading policy {config.policy!r} and PRM {config.prm!r}")
+        backends = load_backends(bench)
+        remote = served_model(config.policy, config.policy_served_model, "--policy") if bench.policy.is_http else None
+        return cls(backends.policy, backends.prm, bench.step_format(), config.model_name(remote),
+                   backends.description)
+
+    def prepare(self, job: Job) -> Run:
+        """Bind the job's method to this request's view of the backends; a 400 if the
+        budget does not suit the method (e.g. not divisible by ``beam_width``)."""
+        progress = Progress()
+        policy = RequestPolicy(self.policy, job.max_tokens, progress, self._count)
+        prm = RequestPRM(self.prm, progress) if self.prm is not None else None
+        try:
+            strategy = make_strategy(job.method, policy, prm, format=self.format, sampling=job.sampling,
+                                     **job.params)
+            strategy.check_budget(job.budget)
+        except ValueError as err:
+            raise invalid(f"{job.budget_param}: {err}", job.budget_param) from None
+        return Run(job, strategy, policy, progress)
+
+    def backend_calls(self) -> dict[str, int]:
+        """Calls made to each local backend (each serving one or more requests)."""
+        return {k: b.calls for k, b in self.backends.items() if isinstance(b, MergeInFlight)}
+
+    def _count(self, tokens: int) -> None:
+        self.generated_tokens += tokens
+        self.policy_calls += 1
+
+    async def run(self, run: Run) -> Result:
+        """Run the job's method on its problem (cancellable at every backend call)."""
+        job = run.job
+        run.progress.started = time.perf_counter()
+        rng = np.random.default_rng(job.seed % 2**64)
+        async with self.coalescer.member():
+            return await run.strategy.run(Problem(job.id, job.problem), job.budget, rng)
+
+
+def _merged(backend):
+    caps = getattr(backend, "capabilities", None)
+    return backend if getattr(caps, "server_batching", False) else MergeInFlight(backend)
