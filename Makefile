@@ -8,7 +8,7 @@ PYTEST_ARGS ?= -n auto --dist loadgroup
 
 .PHONY: test demo bench-resampling clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[test,hf,bench,http,serve]"
@@ -45,4 +45,4 @@ bench-resampling: $(STAMP)
 	$(PY) benchmarks/resampling.py
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache build dist
+	rm -rf $(VENV) $(VLLM_VENV) .venv-itshub .pytest_cache build dist
