@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..strategies.batching import Wrapper
 from .config import BenchConfig
 
 
@@ -49,23 +50,14 @@ def _tokenizer_for(cfg, name: str, embedded: Path) -> str | None:
     return name if Path(name).is_dir() else None
 
 
-class Timed:
+class Timed(Wrapper):
     """Wraps a generator or PRM and adds up the wall time during which at least one of its
-    calls is in flight (concurrent calls to a server count once)."""
+    calls is in flight (concurrent calls to a server count once). ``clear_cache``
+    forgets cached prefixes, so that one phase's cost does not depend on the last one's."""
 
     def __init__(self, inner):
         self.inner, self.seconds = inner, 0.0
         self._in_flight, self._since = 0, 0.0
-
-    @property
-    def capabilities(self):
-        return self.inner.capabilities
-
-    def clear_cache(self) -> None:
-        """Forget cached prefixes, so the next phase's cost does not depend on the last one's."""
-        clear = getattr(self.inner, "clear_cache", None)
-        if clear is not None:
-            clear()
 
     async def _timed(self, call):
         if self._in_flight == 0:

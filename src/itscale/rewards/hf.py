@@ -379,16 +379,10 @@ class HFClassifierPRM(_HFScorer):
         return ids, seps
 
     def _score(self, requests: list[ScoreRequest]) -> list[StepScores]:
-        out: list[StepScores | None] = [None] * len(requests)
-        todo: dict[tuple[str, tuple[str, ...]], list[int]] = {}
-        for i, r in enumerate(requests):
-            key = (r.problem.prompt, tuple(r.steps))
-            hit = self._scores.get(*key)
-            if hit is not None:
-                self.stats.cached_steps += len(hit)
-                out[i] = StepScores(tuple(_clip(s) for s in hit), 0)
-            else:
-                todo.setdefault(key, []).append(i)
+        hits, todo = self._scores.lookup(requests)
+        out: list[StepScores | None] = [None if hit is None else StepScores(tuple(_clip(s) for s in hit), 0)
+                                        for hit in hits]
+        self.stats.cached_steps += sum(len(hit) for hit in hits if hit is not None)
         keys = sorted(todo, key=lambda k: len(k[0]) + sum(map(len, k[1])))  # similar lengths share a batch
         for start in range(0, len(keys), self.max_batch):
             chunk = keys[start:start + self.max_batch]

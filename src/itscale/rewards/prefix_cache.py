@@ -26,6 +26,18 @@ class PrefixScores:
         out = self.leading(prompt, steps)
         return out if len(out) == len(steps) else None
 
+    def lookup(self, requests) -> tuple[list[tuple[float, ...] | None], dict[tuple[str, tuple[str, ...]], list[int]]]:
+        """For ``ScoreRequest``s: each one's cached scores (None unless every step is cached),
+        and the others grouped by ``(prompt, steps)`` (identical requests scored once)."""
+        hits: list[tuple[float, ...] | None] = []
+        todo: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+        for i, r in enumerate(requests):
+            key = (r.problem.prompt, tuple(r.steps))
+            hits.append(self.get(*key))
+            if hits[-1] is None:
+                todo.setdefault(key, []).append(i)
+        return hits, todo
+
     def leading(self, prompt: str, steps: tuple[str, ...]) -> tuple[float, ...]:
         """The scores of the longest run of leading steps that are all cached (maybe none)."""
         out = []

@@ -154,16 +154,9 @@ class _RemoteScorer:
     async def score_steps(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
         self.stats.calls += 1
         self.stats.requests += len(requests)
-        out: list[StepScores | None] = [None] * len(requests)
-        todo: dict[tuple[str, tuple[str, ...]], list[int]] = {}
-        for i, r in enumerate(requests):
-            key = (r.problem.prompt, tuple(r.steps))
-            hit = self._scores.get(*key)
-            if hit is not None:
-                self.stats.cached_steps += len(hit)
-                out[i] = StepScores(hit, 0)
-            else:
-                todo.setdefault(key, []).append(i)
+        hits, todo = self._scores.lookup(requests)
+        out: list[StepScores | None] = [None if hit is None else StepScores(hit, 0) for hit in hits]
+        self.stats.cached_steps += sum(len(hit) for hit in hits if hit is not None)
         keys = list(todo)
         results = await asyncio.gather(*(self._score_one(requests[todo[key][0]]) for key in keys))
         for key, (scores, tokens) in zip(keys, results):

@@ -45,7 +45,7 @@ import numpy as np
 
 from ..strategies import make_strategy
 from ..strategies.base import Strategy
-from ..strategies.batching import BatchedGenerator, BatchedPRM, Coalescer
+from ..strategies.batching import BatchedGenerator, BatchedPRM, Coalescer, Wrapper
 from ..types import Problem, Result, ScoreRequest, Step, StepFormat, StepRequest, StepScores
 from .config import ServeConfig
 from .errors import invalid
@@ -144,7 +144,7 @@ class RequestPRM:
         return out
 
 
-class MergeInFlight:
+class MergeInFlight(Wrapper):
     """One backend call in flight at a time; calls that arrive meanwhile are merged into
     the next one. Results go back to each caller in order; if a merged call fails, each
     caller's requests are retried on their own, so a failure reaches only its owner."""
@@ -154,15 +154,6 @@ class MergeInFlight:
         self.calls = 0  # backend calls made (each covering one or more callers)
         self._pending: list[tuple[str, list, asyncio.Future]] = []
         self._busy = False
-
-    @property
-    def capabilities(self):
-        return self.inner.capabilities
-
-    def clear_cache(self) -> None:
-        clear = getattr(self.inner, "clear_cache", None)
-        if clear is not None:
-            clear()
 
     async def generate_steps(self, requests):
         return await self._submit("generate_steps", requests)

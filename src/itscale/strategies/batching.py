@@ -125,14 +125,25 @@ class Coalescer:
             start += len(p.items)
 
 
-@dataclass
-class BatchedGenerator:
+class Wrapper:
+    """A backend wrapper: ``capabilities`` and ``clear_cache`` are those of ``inner``."""
+
     inner: Any
-    coalescer: Coalescer
 
     @property
     def capabilities(self) -> Capabilities:
         return self.inner.capabilities
+
+    def clear_cache(self) -> None:
+        clear = getattr(self.inner, "clear_cache", None)
+        if clear is not None:
+            clear()
+
+
+@dataclass
+class BatchedGenerator(Wrapper):
+    inner: Any
+    coalescer: Coalescer
 
     async def generate_steps(self, requests):
         if self.capabilities.server_batching:
@@ -141,13 +152,9 @@ class BatchedGenerator:
 
 
 @dataclass
-class BatchedPRM:
+class BatchedPRM(Wrapper):
     inner: Any
     coalescer: Coalescer
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return self.inner.capabilities
 
     async def score_steps(self, requests):
         if self.capabilities.server_batching:
