@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 
 STAT_KEY = "itscale_statistic"
+#: ``(what, text)`` measurements worth a line in the CI log (e.g. vLLM's start-up time).
+MEASURE_KEY = "itscale_measurement"
 
 
 @pytest.fixture
@@ -22,14 +24,18 @@ def report_statistic(request):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    rows = []
+    rows, measured = [], {}
     for outcome in ("passed", "failed"):
         for report in terminalreporter.stats.get(outcome, []):
-            if getattr(report, "when", "call") != "call":
-                continue
             for key, value in getattr(report, "user_properties", []):
-                if key == STAT_KEY:
+                if key == MEASURE_KEY:
+                    measured.setdefault(value[0], value[1])
+                if key == STAT_KEY and getattr(report, "when", "call") == "call":
                     rows.append((report.nodeid.split("::", 1)[-1], *value))
+    if measured:
+        terminalreporter.section("measurements")
+        for what, text in sorted(measured.items()):
+            terminalreporter.write_line(f"{what}: {text}")
     if not rows:
         return
     terminalreporter.section("statistical tests: observed statistics")

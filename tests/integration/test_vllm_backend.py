@@ -70,7 +70,13 @@ def prm_url(servers):
 
 @pytest.fixture(autouse=True)
 def servers_survive(request):
-    """After each test that used the servers: fail it, with the server's log, if one died."""
+    """After each test that used the servers: fail it, with the server's log, if one died;
+    and report their start-up time."""
+    if "servers" in request.fixturenames:  # shown in the run's "measurements" section
+        policy, prm = request.getfixturevalue("servers")
+        request.node.user_properties.append(
+            ("itscale_measurement", ("vLLM start-up (policy and PRM servers started together)",
+                                     f"policy {policy.ready_after:.1f} s, PRM {prm.ready_after:.1f} s")))
     yield
     if "servers" in request.fixturenames:
         for server in request.getfixturevalue("servers"):
