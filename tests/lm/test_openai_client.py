@@ -474,3 +474,14 @@ def test_a_failed_merged_request_kills_its_particles_only(tokenizer):
     out = run(gen.generate_steps([request(k=2), request(problem=P2)]))
     assert [len(o) for o in out] == [2, 1] and all(s.failed and "overloaded" in s.error for o in out for s in o)
     assert len(server.seen) == 2  # one merged request, retried once; no per-request storm after a 5xx
+
+
+def test_merged_steps_without_logprobs_share_the_replys_completion_tokens(tokenizer):
+    def respond(req, body, attempt):
+        choices = [{"index": i, "text": f"{i}\n", "finish_reason": "stop", "stop_reason": "\n"}
+                   for i in range(len(body["prompt"]))]
+        return {"choices": choices, "usage": {"prompt_tokens": 30, "completion_tokens": 7}}
+
+    a, b = run(generator(FakeServer(respond), tokenizer, merge_prompts=256).generate_steps(
+        [request(k=2), request(problem=P2)]))
+    assert [s.tokens for s in a + b] == [3, 2, 2] and all(s.logprob is None for s in a + b)

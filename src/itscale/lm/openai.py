@@ -332,9 +332,13 @@ class OpenAIGenerator:
         except (KeyError, TypeError, ValueError) as err:
             error = BackendError(reply.endpoint, 200, f"unexpected response shape ({type(err).__name__}: {err})")
             return [[self._error(error) for _ in range(r.k)] for r in requests]
+        # per-choice token counts come from the log-probabilities; without them, the reply's
+        # completion tokens are shared evenly between its choices
+        shares = split_evenly(int((reply.data.get("usage") or {}).get("completion_tokens") or 0), len(choices))
         out, at = [], 0
         for r in requests:
-            part = Reply({"choices": choices[at:at + r.k], "usage": {}}, reply.endpoint)
+            usage = {"completion_tokens": sum(shares[at:at + r.k])}
+            part = Reply({"choices": choices[at:at + r.k], "usage": usage}, reply.endpoint)
             at += r.k
             steps = self._steps(r, [(part, r.k)])
             steps[0] = replace(steps[0], prompt_tokens=self._prompt_tokens(r), prefilled_tokens=None)
