@@ -353,19 +353,16 @@ class OpenAIGenerator:
         try:
             return await self.http.post("completions", body)
         except BackendError as err:
-            limit = context_length(err)
-            if limit is not None and (self.context_length is None or limit < self.context_length):
-                self.context_length = limit  # the caller re-sends them one by one, each capped to its room
-            elif err.status is not None and 400 <= err.status < 500 and self.extensions and any(
-                    name in err.message for name in VLLM_EXTENSIONS):
-                self.extensions = False
+            # a context length learnt: the caller re-sends them one by one, each capped to its room
+            if not self._learn_context_length(err) and self._drop_extensions(err):
                 return await self._post_merged(requests)
             raise
 
     def _prompt_tokens(self, request: StepRequest) -> int:
-        text, special = self._chat_prompt(request.problem.prompt)
+        """The context's token count (local tokenizer; 0 without one)."""
         if self.tokenizer is None:
             return 0
+        text, special = self._chat_prompt(request.problem.prompt)
         return len(encode(self.tokenizer, text + request.prefix, add_special_tokens=special))
 
     def _seed(self, request: StepRequest) -> int | None:
@@ -385,18 +382,31 @@ class OpenAIGenerator:
         try:
             return await self.http.post(path, self._body(request, n, seed))
         except BackendError as err:
-            limit = context_length(err)
-            if limit is not None and (self.context_length is None or limit < self.context_length):
+            if self._learn_context_length(err):
                 # max_tokens past the model's context (e.g. a whole solution of max_steps steps):
                 # ask for what fits, as HFGenerator stops at the last position ("length").
-                self.context_length = limit
                 return await self._call(request, n, seed)
-            rejected = err.status is not None and 400 <= err.status < 500 and any(
-                name in err.message for name in VLLM_EXTENSIONS)
-            if not (rejected and self.extensions):
+            if not self._drop_extensions(err):
                 raise
-            self.extensions = False  # a strict server (e.g. a hosted API): standard fields only
             return await self.http.post(path, self._body(request, n, seed))
+
+    def _learn_context_length(self, err: BackendError) -> bool:
+        """Whether ``err`` names a context length shorter than the one known (now learnt)."""
+        limit = context_length(err)
+        if limit is None or (self.context_length is not None and limit >= self.context_length):
+            return False
+        self.context_length = limit
+        return True
+
+    def _drop_extensions(self, err: BackendError) -> bool:
+        """Whether ``err`` is a strict server (e.g. a hosted API) rejecting a vLLM extension
+        field; if so, only standard fields are sent from now on."""
+        rejected = err.status is not None and 400 <= err.status < 500 and any(
+            name in err.message for name in VLLM_EXTENSIONS)
+        if rejected and self.extensions:
+            self.extensions = False
+            return True
+        return False
 
     def _body(self, request: StepRequest, n: int, seed: int | None) -> dict[str, Any]:
         p = request.params
@@ -432,10 +442,7 @@ class OpenAIGenerator:
         wanted = request.params.max_step_tokens
         if self.context_length is None:
             return wanted
-        room = self.context_length
-        if self.api == "completions" and self.tokenizer is not None:
-            text, special = self._chat_prompt(request.problem.prompt)
-            room -= len(encode(self.tokenizer, text + request.prefix, add_special_tokens=special))
+        room = self.context_length - (self._prompt_tokens(request) if self.api == "completions" else 0)
         return max(1, min(wanted, room))
 
     # -- replies into steps -------------------------------------------------------------
