@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
 import time
 from contextlib import ExitStack
@@ -49,24 +50,54 @@ SAMPLING = SamplingParams(temperature=0.8, max_step_tokens=24)
 METHODS = {"particle_filtering": "particle filtering", "best_of_n": "best-of-N"}
 
 
-SERVER_COUNTERS = {"iterations": "vllm:iteration_tokens_total_count", "prompt": "vllm:prompt_tokens_total",
-                   "cached": "vllm:prefix_cache_hits_total", "generated": "vllm:generation_tokens_total"}
+#: vLLM's Prometheus counters read by the benchmarks, and the keys they are reported under.
+COUNTERS = {
+    "vllm:generation_tokens_total": "generated",
+    "vllm:prompt_tokens_total": "prompt",
+    "vllm:prompt_tokens_cached_total": "cached",
+    "vllm:prefix_cache_hits_total": "prefix_hits",
+    "vllm:request_params_n_count": "requests",
+    "vllm:request_params_n_sum": "sequences",
+    "vllm:iteration_tokens_total_count": "engine_steps",  # forward passes (scheduler iterations)
+    "vllm:request_queue_time_seconds_sum": "queue_s",  # summed over requests: time waiting to be scheduled
+}
+_SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$")
+_HANDLER = re.compile(r'handler="([^"]*)"')
+
+
+def root_of(url: str) -> str:
+    """The server root of an API base URL (``http://h:p/v1`` → ``http://h:p``)."""
+    url = url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+def parse_counters(text: str) -> dict[str, float]:
+    """The :data:`COUNTERS` in a ``/metrics`` page (summed over label sets), and HTTP
+    requests by endpoint (``"http /v1/completions"``)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if not m:
+            continue
+        name, labels, value = m.groups()
+        if name in COUNTERS:
+            key = COUNTERS[name]
+        elif name == "http_requests_total" and labels and "/v1/" in labels:
+            key = "http " + _HANDLER.search(labels).group(1)
+        else:
+            continue
+        out[key] = out.get(key, 0.0) + float(value)
+    return out
 
 
 def server_counters(url: str) -> dict[str, float]:
-    """vLLM's Prometheus counters (``{server}/metrics``) for the engine; empty if not a vLLM server."""
+    """:func:`parse_counters` of a server's ``/metrics``; empty if it has none (not vLLM)."""
     import httpx
 
     try:
-        text = httpx.get(url.rsplit("/v1", 1)[0] + "/metrics", timeout=5).text
+        return parse_counters(httpx.get(root_of(url) + "/metrics", timeout=5).text)
     except httpx.HTTPError:
         return {}
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        for key, metric in SERVER_COUNTERS.items():
-            if line.startswith(metric + "{"):
-                values[key] = values.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
-    return values
 
 
 def backends(policy_url: str, prm_url: str, max_concurrency: int) -> tuple[Timed, Timed]:
@@ -160,8 +191,8 @@ def main() -> None:
               f"{'prefilled':>11}{'generated':>11}")
         for name, label in METHODS.items():
             c = rows[name]["server"]
-            print(f"{label:<29}{c['iterations']:>14,.0f}{c['prompt']:>16,.0f}{c['cached']:>15,.0f}"
-                  f"{c['prompt'] - c['cached']:>11,.0f}{c['generated']:>11,.0f}")
+            print(f"{label:<29}{c['engine_steps']:>14,.0f}{c['prompt']:>16,.0f}{c['prefix_hits']:>15,.0f}"
+                  f"{c['prompt'] - c['prefix_hits']:>11,.0f}{c['generated']:>11,.0f}")
     pf, bon = rows["particle_filtering"], rows["best_of_n"]
     print("(requests: policy/PRM HTTP requests; policy s and PRM s: wall time during which a call to that "
           "backend was in flight; client CPU s: this process's CPU time, which the servers do not get)")

@@ -85,7 +85,6 @@ import asyncio
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import time
@@ -96,7 +95,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the vLLM launcher of the integration tests
 
-from http_backend import SAMPLING, backends, warm_up  # noqa: E402  (benchmarks/ is on sys.path)
+from http_backend import SAMPLING, backends, parse_counters, root_of, warm_up  # noqa: E402  (benchmarks/ is on sys.path)
 from servers import VLLM_VENV, prm_dir, start_vllms, vllm_missing_message  # noqa: E402
 
 from itscale import zoo  # noqa: E402
@@ -161,42 +160,9 @@ class Settings:
 
 # -- server counters -------------------------------------------------------------------
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$")
-_HANDLER = re.compile(r'handler="([^"]*)"')
-COUNTERS = {
-    "vllm:generation_tokens_total": "generated",
-    "vllm:prompt_tokens_total": "prompt",
-    "vllm:prompt_tokens_cached_total": "cached",
-    "vllm:request_params_n_count": "requests",
-    "vllm:request_params_n_sum": "sequences",
-    "vllm:iteration_tokens_total_count": "engine_steps",  # forward passes (scheduler iterations)
-    "vllm:request_queue_time_seconds_sum": "queue_s",  # summed over requests: time waiting to be scheduled
-}
-
-
-def root_of(url: str) -> str:
-    """The server root of an API base URL (``http://h:p/v1`` → ``http://h:p``)."""
-    url = url.rstrip("/")
-    return url[: -len("/v1")] if url.endswith("/v1") else url
-
-
 async def counters(client, url: str) -> dict[str, float]:
     """The server's token and request counters, and HTTP requests by endpoint."""
-    text = (await client.get(root_of(url) + "/metrics")).text
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = _SAMPLE.match(line)
-        if not m:
-            continue
-        name, labels, value = m.groups()
-        if name in COUNTERS:
-            key = COUNTERS[name]
-        elif name == "http_requests_total" and labels and "/v1/" in labels:
-            key = "http " + _HANDLER.search(labels).group(1)
-        else:
-            continue
-        out[key] = out.get(key, 0.0) + float(value)
-    return out
+    return parse_counters((await client.get(root_of(url) + "/metrics")).text)
 
 
 async def settled(client, url: str) -> dict[str, float]:
