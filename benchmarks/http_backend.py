@@ -40,7 +40,7 @@ from servers import prm_dir, start_vllms  # noqa: E402
 
 from itscale import zoo  # noqa: E402
 from itscale.bench.backends import Timed, served_model  # noqa: E402
-from itscale.lm import OpenAIGenerator, StreamingGenerator  # noqa: E402
+from itscale.lm import OpenAIGenerator  # noqa: E402
 from itscale.rewards.remote import RemoteTagPRM  # noqa: E402
 from itscale.strategies import make_strategy, run_many  # noqa: E402
 from itscale.tasks import arithmetic  # noqa: E402
@@ -100,12 +100,10 @@ def server_counters(url: str) -> dict[str, float]:
         return {}
 
 
-def backends(policy_url: str, prm_url: str, max_concurrency: int, streams: bool = False) -> tuple[Timed, Timed]:
-    """Fresh clients (no client-side PRM cache carried between methods), timed; with
-    ``streams`` the policy is a StreamingGenerator (particles keep streaming)."""
-    policy = (StreamingGenerator if streams else OpenAIGenerator)(
-        policy_url, served_model(policy_url, None, "policy"), tokenizer=zoo.policy_path(),
-        max_concurrency=max_concurrency)
+def backends(policy_url: str, prm_url: str, max_concurrency: int) -> tuple[Timed, Timed]:
+    """Fresh clients (no client-side PRM cache carried between methods), timed."""
+    policy = OpenAIGenerator(policy_url, served_model(policy_url, None, "policy"), tokenizer=zoo.policy_path(),
+                             max_concurrency=max_concurrency)
     prm = RemoteTagPRM(prm_url, served_model(prm_url, None, "prm"), tokenizer=prm_dir(),
                        delimiter=arithmetic.DELIMITER, max_concurrency=max_concurrency)
     return Timed(policy), Timed(prm)

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/vs_its_hub.py [--problems 50] [--budgets 1 2 4 8 16 32]
         [--methods particle_filtering beam_search self_consistency] [--level medium]
-        [--seed 0] [--repeats 1] [--beam-width 4] [--max-concurrency 64] [--streams]
+        [--seed 0] [--repeats 1] [--beam-width 4] [--max-concurrency 64]
         [--vllm-args FLAGS] [--output results.json] [--policy-url URL --prm-url URL]
 
 its_hub lives in its own virtual environment, ``.venv-itshub`` (created here on first
@@ -66,10 +66,7 @@ What is the same on both sides (the fairness choices)
   flight; its ``LMOrchestrator`` (self-consistency) would cap them at 32 by default and
   is given no cap here. itscale's clients keep at most ``--max-concurrency`` requests
   in flight.
-- **Client.** itscale's policy is an ``OpenAIGenerator`` (merged prompt lists), or with
-  ``--streams`` a ``StreamingGenerator`` (each particle's completion keeps streaming and
-  its next step is read off the stream: no context is re-sent). ``--vllm-args`` flags go
-  to both servers and serve both libraries alike.
+- **Server flags.** ``--vllm-args`` go to both servers, which serve both libraries alike.
 - **Seeds.** Run r of ``--repeats`` uses seed ``--seed`` + r on both sides: itscale's
   per-problem random streams; its_hub's global ``random`` / ``numpy.random`` generators,
   seeded in its worker. Sampling on the server is unseeded for its_hub (its client has
@@ -160,7 +157,6 @@ class Settings:
     resampler: str
     log_dir: Path
     server_pgids: dict[str, int] | None = None
-    streams: bool = False
 
 
 # -- server counters -------------------------------------------------------------------
@@ -275,7 +271,7 @@ def itscale_params(method: str, budget: int, s: Settings) -> dict:
 
 async def run_itscale(method: str, budget: int, seed: int, s: Settings, servers: Servers) -> Run:
     """itscale's ``run_many`` over all problems at once (as ``benchmarks/http_backend.py``)."""
-    policy, prm = backends(s.policy_url, s.prm_url, s.max_concurrency, s.streams)
+    policy, prm = backends(s.policy_url, s.prm_url, s.max_concurrency)
     params = itscale_params(method, budget, s)
     strategy = make_strategy(method, policy, prm, format=arithmetic.STEP_FORMAT, sampling=s.sampling, **params)
     try:
@@ -554,10 +550,8 @@ def main() -> None:
     ap.add_argument("--max-step-tokens", type=int, default=SAMPLING.max_step_tokens)
     ap.add_argument("--max-concurrency", type=int, default=64, help="itscale's HTTP requests in flight per client")
     ap.add_argument("--resampler", default="systematic", help="itscale's particle-filtering resampler")
-    ap.add_argument("--streams", action="store_true", help="itscale's policy client keeps each particle's completion "
-                    "streaming (StreamingGenerator) instead of re-sending its context every round")
     ap.add_argument("--vllm-args", default="", help="extra flags for the vLLM servers this script starts (both "
-                    "libraries use them), e.g. '--max-num-seqs 1024 --stream-interval 8' for --streams")
+                    "libraries use them), e.g. '--max-num-seqs 1024'")
     ap.add_argument("--policy-url", help="a running OpenAI-compatible server for the policy (default: start vLLM)")
     ap.add_argument("--prm-url", help="a running OpenAI-compatible server for the PRM (default: start vLLM)")
     ap.add_argument("--its-hub-venv", type=Path, default=ITS_HUB_VENV)
@@ -606,7 +600,7 @@ def main() -> None:
         settings = Settings(problems, args.budgets, args.methods, args.seed, args.repeats, args.beam_width,
                             args.max_concurrency,
                             sampling, policy_url, prm_url, its_hub_python, args.resampler, log_dir,
-                            None if args.policy_url else pgids, args.streams)
+                            None if args.policy_url else pgids)
         console.print(f"{len(problems)} '{args.level}' problems, all concurrently; budgets {args.budgets}; "
                       f"methods {args.methods}; temperature {sampling.temperature}, max {sampling.max_step_tokens} "
                       f"tokens/step, max {arithmetic.STEP_FORMAT.max_steps} steps; policy {policy_url}, PRM {prm_url}; "
@@ -624,7 +618,7 @@ def main() -> None:
                         "max_concurrency": args.max_concurrency, "resampler": args.resampler,
                         "sampling": asdict(sampling), "step_format": asdict(arithmetic.STEP_FORMAT),
                         "aggregation": AGGREGATION, "policy_url": policy_url, "prm_url": prm_url,
-                        "vllm_args": args.vllm_args, "streams": args.streams,
+                        "vllm_args": args.vllm_args,
                         "its_hub_version": ITS_HUB_VERSION, "vllm_startup_s": startup, "total_s": total}
         args.output.write_text(json.dumps({"settings": settings_out, "rows": rows}, indent=1, default=str))
         console.print(f"results written to {args.output}")

@@ -32,7 +32,7 @@ pytest.importorskip("transformers")
 from servers import FaultProxy, free_port, prm_dir, require_vllm, start_vllms  # noqa: E402
 
 from itscale import zoo  # noqa: E402
-from itscale.lm import BackendError, EndpointPool, HFGenerator, OpenAIGenerator, StreamingGenerator  # noqa: E402
+from itscale.lm import BackendError, EndpointPool, HFGenerator, OpenAIGenerator  # noqa: E402
 from itscale.lm.loading import chat_prompt, encode  # noqa: E402
 from itscale.rewards import HFTagPRM  # noqa: E402
 from itscale.rewards.remote import RemoteTagPRM  # noqa: E402
@@ -246,22 +246,6 @@ def test_particle_filtering_end_to_end(policy_url, prm_url):
     assert gen.http.usage.failures == 0 and scorer.stats.failed_steps == 0
     generated = sum(r.cost.generated_tokens for r in results)
     assert generated <= gen.http.usage.completion_tokens  # every counted token came from the server
-
-
-def test_particle_filtering_with_streaming_particles(policy_url, prm_url):
-    """StreamingGenerator: most of the next round's steps come off the particles' open streams
-    (no re-sent context), and the run is as sound as with plain requests."""
-    problems = PROBLEMS[:8]
-    gen = StreamingGenerator(EndpointPool(policy_url, backoff_base=0.01), str(POLICY))
-    results = run_pf(gen, prm(prm_url), problems, budget=8)
-    assert [r.status for r in results] == ["ok"] * len(problems), [r.message for r in results]
-    assert sum(arithmetic.is_correct(r.problem, r.solution) for r in results) > 0
-    stats = gen.stream_stats
-    assert stats["failed"] == 0 and stats["reused"] > stats["opened"] / 2, stats
-    assert all(r.cost.generated_tokens > 0 for r in results)
-    plain = run_pf(policy(policy_url), prm(prm_url), problems, budget=8)
-    sent, plain_sent = (sum(r.cost.prompt_tokens for r in rs) for rs in (results, plain))
-    assert sent < plain_sent / 2, (sent, plain_sent)  # contexts are sent only to open streams
 
 
 # -- faults -----------------------------------------------------------------------------------

@@ -7,9 +7,6 @@
   llama.cpp, hosted APIs), over :class:`~itscale.lm.http.EndpointPool` (load balancing,
   bounded concurrency, retries with backoff); failures are :class:`~itscale.lm.http.BackendError`
   (needs the ``http`` extra: httpx).
-- :class:`~itscale.lm.streams.StreamingGenerator` — the same, but each particle's
-  completion keeps streaming past its step, so the next round reads its step off the
-  stream instead of re-sending (and re-prefilling) the context.
 - :class:`~itscale.lm.loading.ModelLoadError` — a model folder that cannot be loaded.
 
 Names are imported lazily, so ``import itscale.lm`` imports neither torch nor httpx.
@@ -26,7 +23,6 @@ _EXPORTS = {
     "ModelLoadError": "loading",
     "KVStore": "kv_cache",
     "OpenAIGenerator": "openai",
-    "StreamingGenerator": "streams",
     "EndpointPool": "http",
     "BackendError": "http",
     "Usage": "http",
@@ -34,7 +30,7 @@ _EXPORTS = {
 
 __all__ = [
     "BackendError", "EndpointPool", "GeneratorStats", "HFGenerator", "KVStore", "ModelLoadError", "OpenAIGenerator",
-    "StreamingGenerator", "Usage",
+    "Usage",
 ]
 
 

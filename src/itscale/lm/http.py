@@ -25,12 +25,6 @@ OpenAI HTTP API (vLLM, llama.cpp's server, hosted APIs):
   own message (``{"error": {"message": …}}``, ``{"detail": …}`` or the raw text), plus
   a hint at the usual fix.
 - **Usage.** :attr:`EndpointPool.usage` sums the ``usage`` blocks of all responses.
-- **Streams.** :meth:`EndpointPool.stream` POSTs with ``"stream": true`` and yields the
-  server-sent events' JSON objects. Failures before the first event are retried as
-  above; a stream that breaks later raises :class:`BackendError` (what it already
-  yielded stands). Closing the iterator closes the connection, which makes vLLM
-  abort the request. Streams are long-lived, so they take no ``max_concurrency``
-  slot: their caller bounds how many are open.
 
 The pool's ``httpx.AsyncClient`` belongs to the event loop it was first used in; if
 a later call runs in a different loop (e.g. successive ``asyncio.run`` calls), a
@@ -45,7 +39,7 @@ import asyncio
 import json
 import random
 from dataclasses import asdict, dataclass
-from typing import Any, AsyncIterator, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 from urllib.parse import urlsplit
 
 import httpx
@@ -284,71 +278,6 @@ class EndpointPool:
             attempt += 1
             self.usage.retries += 1
             await asyncio.sleep(delay)
-
-    async def stream(self, path: str, body: Mapping[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """POST ``body`` with ``"stream": true``; the JSON object of every ``data:`` event up
-        to ``[DONE]``. Use as ``async with contextlib.aclosing(pool.stream(...)) as events``
-        so that leaving early closes the connection (the server then stops generating)."""
-        client, _ = self._live()
-        body = {**body, "stream": True}
-        attempt = 0
-        while True:
-            index = self._pick()
-            endpoint = self.url(index, path)
-            self.in_flight[index] += 1
-            started, retry_after = False, None
-            try:
-                async with client.stream("POST", endpoint, json=body) as response:
-                    status = response.status_code
-                    if 200 <= status < 300:
-                        self.usage.requests += 1
-                        async for line in response.aiter_lines():
-                            if not line.startswith("data:"):
-                                continue
-                            data = line[5:].strip()
-                            if data == "[DONE]":
-                                return
-                            started = True
-                            yield self._event(data, endpoint)
-                        return
-                    await response.aread()
-                    error = BackendError(endpoint, status, error_message(response))
-                    if status != 429 and status < 500:
-                        self.usage.failures += 1
-                        raise error
-                    if status in (429, 503):
-                        retry_after = _retry_after(response)
-            except RETRYABLE_ERRORS as err:
-                error = BackendError(endpoint, None, f"{type(err).__name__}: {err}".rstrip(": "))
-                if started:  # part of the stream was used: the caller decides what to do
-                    self.usage.failures += 1
-                    raise error from err
-            except httpx.HTTPError as err:
-                self.usage.failures += 1
-                raise BackendError(endpoint, None, f"{type(err).__name__}: {err}") from err
-            finally:
-                self.in_flight[index] -= 1
-            if attempt >= self.retries:
-                self.usage.failures += 1
-                raise BackendError(error.endpoint, error.status, error.message, attempts=attempt + 1)
-            delay = self.backoff(attempt)
-            if retry_after is not None:
-                delay = max(delay, retry_after)
-            attempt += 1
-            self.usage.retries += 1
-            await asyncio.sleep(delay)
-
-    def _event(self, data: str, endpoint: str) -> dict[str, Any]:
-        try:
-            event = json.loads(data)
-        except (json.JSONDecodeError, ValueError):
-            raise BackendError(endpoint, 200, f"a stream event is not JSON: {data[:200]!r}") from None
-        if not isinstance(event, dict):
-            raise BackendError(endpoint, 200, f"expected a JSON object in the stream, got {data[:200]}")
-        if isinstance(event.get("usage"), Mapping):
-            self.usage.add(event["usage"])
-            self.usage.requests -= 1  # counted when the stream opened
-        return event
 
     def _decode(self, response: httpx.Response, endpoint: str) -> Reply:
         try:
