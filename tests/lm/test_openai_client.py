@@ -126,6 +126,24 @@ def test_request_body_is_the_chat_templated_context_with_sampling_fields(tokeniz
     assert body["add_special_tokens"] is False  # the chat template wrote the special tokens
 
 
+def test_one_token_stop_strings_also_go_as_stop_token_ids(tokenizer):
+    """vLLM ends a sequence at a stop token inside its scheduler (a stop string only later, in
+    its detokenizer); the step must come back exactly as with the stop string."""
+    newline = tokenizer.encode("\n", add_special_tokens=False)[0]
+    server = FakeServer(lambda req, body, n: vllm_reply([vllm_choice(0, "3+4=7\n", stop_reason=newline)]))
+    gen = generator(server, tokenizer)
+    (out,) = run(gen.generate_steps([request(stop=("\n", "Answer: 7"))]))
+    body = server.bodies[0]
+    assert body["stop"] == ["\n", "Answer: 7"] and body["stop_token_ids"] == [newline]  # only the one-token stop
+    assert (out[0].text, out[0].finish_reason) == ("3+4=7\n", "stop")
+    eos = FakeServer(lambda req, body, n: vllm_reply([vllm_choice(0, "Answer: 7", stop_reason=2)]))
+    (out,) = run(generator(eos, tokenizer).generate_steps([request()]))
+    assert out[0].finish_reason == "eos"  # any other token id is an end-of-sequence token
+    plain = FakeServer(echo_steps)
+    run(generator(plain, tokenizer, extensions=False).generate_steps([request()]))
+    assert "stop_token_ids" not in plain.bodies[0]
+
+
 def test_optional_fields_are_left_out_when_unset(tokenizer):
     server = FakeServer(lambda req, body, n: vllm_reply([vllm_choice(0, "Answer: 11", stop_reason=None)]))
     gen = generator(server, tokenizer, extensions=False)

@@ -16,6 +16,7 @@ server continues the exact text ``c = chat_prompt(problem) + s_1 + … + s_t``::
      "temperature": T, "top_p": P, "n": k, "logprobs": 1,
      "seed": params.seed,                  # only when set
      "stop": [...request.stop],            # only when non-empty
+     "stop_token_ids": [...],              # vLLM extension: the one-token stop strings
      "include_stop_str_in_output": true,   # vLLM extension (see `extensions`)
      "add_special_tokens": false}          # vLLM extension, when the chat template wrote
                                            # the special tokens itself (no second BOS)
@@ -50,6 +51,17 @@ Steps
 - ``prompt_tokens`` (``usage.prompt_tokens``, summed over the HTTP requests that
   served the request) and ``prefilled_tokens`` (``prompt − cached`` when the server
   reports ``cached_tokens``, else ``None``) are on the first continuation only.
+
+Stop tokens
+-----------
+A stop string that is exactly one token of the tokenizer (the usual ``"\n"`` step
+delimiter of small vocabularies) is also sent as ``stop_token_ids`` (vLLM extension).
+vLLM checks stop *strings* in its API server's detokenizer, after the engine has
+already scheduled the sequence's next forward pass, and aborts it from there; a stop
+*token* ends the sequence inside the engine's scheduler at once. The stop strings are
+sent as well, so a token that merely contains the delimiter still stops the step as
+before, and the step comes back the same: vLLM's ``stop_reason`` is then the token id,
+read as the stop string it stands for.
 
 Merged requests
 ---------------
@@ -101,7 +113,8 @@ from .loading import TOKENIZER_FILES, ChatPrompts, ModelLoadError, encode, load_
 __all__ = ["BackendError", "OpenAIGenerator", "make_pool", "resolve_tokenizer"]
 
 #: vLLM request fields beyond the OpenAI API that this module may send.
-VLLM_EXTENSIONS = ("include_stop_str_in_output", "add_special_tokens", "continue_final_message", "add_generation_prompt")
+VLLM_EXTENSIONS = ("include_stop_str_in_output", "add_special_tokens", "continue_final_message", "add_generation_prompt",
+                   "stop_token_ids")
 _MENTIONS_N = re.compile(r"(?<![\w-])['\"`]?n['\"`]?(?![\w-])|best_of", re.IGNORECASE)
 #: A server's context length in its 400 reply: vLLM 0.32 ("max_tokens=480 cannot be greater than
 #: max_model_len=256") and the OpenAI / older vLLM wording ("maximum context length is 256 tokens").
@@ -152,8 +165,10 @@ def split_evenly(total: int, parts: int) -> list[int]:
     return [q + (1 if j < r else 0) for j in range(parts)]
 
 
-def finish_of(choice: Mapping[str, Any], text: str, stops: Sequence[str]) -> tuple[str, str, str | None]:
-    """``(text with its stop string, finish_reason, error)`` for one returned choice."""
+def finish_of(choice: Mapping[str, Any], text: str, stops: Sequence[str],
+              stop_ids: Mapping[int, str] | None = None) -> tuple[str, str, str | None]:
+    """``(text with its stop string, finish_reason, error)`` for one returned choice.
+    ``stop_ids`` maps the stop token ids sent to the stop strings they stand for."""
     reason = choice.get("finish_reason")
     if reason == "length":
         return text, "length", None
@@ -161,6 +176,8 @@ def finish_of(choice: Mapping[str, Any], text: str, stops: Sequence[str]) -> tup
         return "", "error", f"the server ended the completion with finish_reason={reason!r}"
     if "stop_reason" in choice:  # vLLM: the stop string, a stop token id (int), or None (EOS)
         stop = choice["stop_reason"]
+        if isinstance(stop, int) and stop_ids and stop in stop_ids:
+            stop = stop_ids[stop]
         if isinstance(stop, str) and stop:
             return (text if text.endswith(stop) else text + stop), "stop", None
         return text, "eos", None
@@ -234,6 +251,7 @@ class OpenAIGenerator:
                                          prefix_cache=False, n_parameters=n_parameters, server_batching=True)
         self._chat_prompt = ChatPrompts(self.tokenizer, system_prompt)
         self.context_length: int | None = None  # learnt from a server that rejected max_tokens
+        self._stop_token_ids: dict[tuple[str, ...], dict[int, str]] = {}
 
     # -- public API -------------------------------------------------------------------
     def context_text(self, prompt: str, prefix: str = "") -> str:
@@ -416,6 +434,8 @@ class OpenAIGenerator:
             body["seed"] = int(seed)
         if request.stop:
             body["stop"] = list(request.stop)
+            if self.extensions and self._stop_ids(request.stop):
+                body["stop_token_ids"] = list(self._stop_ids(request.stop))
         if self.api == "completions":
             text, special = self._chat_prompt(request.problem.prompt)
             body["prompt"] = text + request.prefix
@@ -436,6 +456,18 @@ class OpenAIGenerator:
                 body["include_stop_str_in_output"] = True
         body.update(self.extra_body)
         return body
+
+    def _stop_ids(self, stops: Sequence[str]) -> dict[int, str]:
+        """``{token id: stop string}`` for the stop strings that are one token (see "Stop tokens")."""
+        key = tuple(stops)
+        if key not in self._stop_token_ids:
+            ids = {}
+            for s in key:
+                encoded = encode(self.tokenizer, s) if self.tokenizer is not None else []
+                if len(encoded) == 1 and self.tokenizer.decode(encoded) == s:
+                    ids[encoded[0]] = s
+            self._stop_token_ids[key] = ids
+        return self._stop_token_ids[key]
 
     def _max_tokens(self, request: StepRequest) -> int:
         """``max_step_tokens``, capped to what the context leaves once the server's length is known."""
@@ -481,7 +513,7 @@ class OpenAIGenerator:
         steps = []
         for choice, fallback_tokens in zip(choices, fallback):
             text = choice["text"] if self.api == "completions" else choice["message"]["content"]
-            text, finish, error = finish_of(choice, text or "", request.stop)
+            text, finish, error = finish_of(choice, text or "", request.stop, self._stop_ids(request.stop))
             lps = _logprobs(choice)
             tokens = len(lps) if lps is not None else fallback_tokens
             logprob = float(sum(lps)) if lps is not None else None
