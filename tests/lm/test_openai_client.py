@@ -139,6 +139,9 @@ def test_one_token_stop_strings_also_go_as_stop_token_ids(tokenizer):
     eos = FakeServer(lambda req, body, n: vllm_reply([vllm_choice(0, "Answer: 7", stop_reason=2)]))
     (out,) = run(generator(eos, tokenizer).generate_steps([request()]))
     assert out[0].finish_reason == "eos"  # any other token id is an end-of-sequence token
+    other = FakeServer(lambda req, body, n: vllm_reply([vllm_choice(0, "3+4=7", stop_reason=newline)]))
+    (out,) = run(generator(other, tokenizer).generate_steps([request()]))
+    assert out[0].failed and "not the server's" in out[0].error  # the server's id means another token
     plain = FakeServer(echo_steps)
     run(generator(plain, tokenizer, extensions=False).generate_steps([request()]))
     assert "stop_token_ids" not in plain.bodies[0]

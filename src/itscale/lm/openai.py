@@ -61,7 +61,8 @@ already scheduled the sequence's next forward pass, and aborts it from there; a 
 *token* ends the sequence inside the engine's scheduler at once. The stop strings are
 sent as well, so a token that merely contains the delimiter still stops the step as
 before, and the step comes back the same: vLLM's ``stop_reason`` is then the token id,
-read as the stop string it stands for.
+read as the stop string it stands for (a step whose text does not end with that string
+means the local tokenizer is not the server's, and fails with an error saying so).
 
 Merged requests
 ---------------
@@ -177,6 +178,9 @@ def finish_of(choice: Mapping[str, Any], text: str, stops: Sequence[str],
     if "stop_reason" in choice:  # vLLM: the stop string, a stop token id (int), or None (EOS)
         stop = choice["stop_reason"]
         if isinstance(stop, int) and stop_ids and stop in stop_ids:
+            if not text.endswith(stop_ids[stop]):  # the server's token N is another text
+                return "", "error", (f"stop token id {stop} ended the completion but its text {text[-8:]!r} does not "
+                                     f"end with {stop_ids[stop]!r}: the tokenizer given is not the server's")
             stop = stop_ids[stop]
         if isinstance(stop, str) and stop:
             return (text if text.endswith(stop) else text + stop), "stop", None
@@ -434,8 +438,9 @@ class OpenAIGenerator:
             body["seed"] = int(seed)
         if request.stop:
             body["stop"] = list(request.stop)
-            if self.extensions and self._stop_ids(request.stop):
-                body["stop_token_ids"] = list(self._stop_ids(request.stop))
+            stop_ids = self._stop_ids(request.stop)
+            if self.extensions and stop_ids:
+                body["stop_token_ids"] = list(stop_ids)
         if self.api == "completions":
             text, special = self._chat_prompt(request.problem.prompt)
             body["prompt"] = text + request.prefix
