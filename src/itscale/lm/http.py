@@ -329,7 +329,7 @@ class EndpointPool:
 
     # -- lifetime -----------------------------------------------------------------------
     async def aclose(self) -> None:
-        """Close the client (a client made in another, finished event loop is just dropped)."""
+        """Close the clients (clients made in another, finished event loop are just dropped)."""
         clients, loop = self._clients, self._loop
         self._clients, self._loop = [], None
         if loop is asyncio.get_running_loop():
