@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the vLLM launcher of the integration tests
 
-from servers import prm_dir, start_vllms  # noqa: E402
+from servers import BLOCK_SIZE, prm_dir, start_vllms  # noqa: E402
 
 from itscale import zoo  # noqa: E402
 from itscale.bench.backends import Timed, served_model  # noqa: E402
@@ -100,10 +100,12 @@ def server_counters(url: str) -> dict[str, float]:
         return {}
 
 
-def backends(policy_url: str, prm_url: str, max_concurrency: int) -> tuple[Timed, Timed]:
-    """Fresh clients (no client-side PRM cache carried between methods), timed."""
+def backends(policy_url: str, prm_url: str, max_concurrency: int, kv_block: int | None = BLOCK_SIZE
+             ) -> tuple[Timed, Timed]:
+    """Fresh clients (no client-side PRM cache carried between methods), timed; the policy
+    aligns its look-ahead to ``kv_block`` (the servers' KV block; ``None``: no look-ahead)."""
     policy = OpenAIGenerator(policy_url, served_model(policy_url, None, "policy"), tokenizer=zoo.policy_path(),
-                             max_concurrency=max_concurrency)
+                             max_concurrency=max_concurrency, kv_block=kv_block)
     prm = RemoteTagPRM(prm_url, served_model(prm_url, None, "prm"), tokenizer=prm_dir(),
                        delimiter=arithmetic.DELIMITER, max_concurrency=max_concurrency)
     return Timed(policy), Timed(prm)

@@ -67,6 +67,10 @@ What is the same on both sides (the fairness choices)
   is given no cap here. itscale's clients keep at most ``--max-concurrency`` requests
   in flight.
 - **Server flags.** ``--vllm-args`` go to both servers, which serve both libraries alike.
+- **itscale's client** aligns its step requests to the policy server's KV blocks
+  (``OpenAIGenerator(kv_block=--kv-block)``, look-ahead: a particle's request runs to the
+  next block boundary and the text after its step serves its next round; ``--kv-block 0``
+  sends plain step requests that stop at the delimiter, as its_hub does).
 - **Seeds.** Run r of ``--repeats`` uses seed ``--seed`` + r on both sides: itscale's
   per-problem random streams; its_hub's global ``random`` / ``numpy.random`` generators,
   seeded in its worker. Sampling on the server is unseeded for its_hub (its client has
@@ -97,7 +101,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the vLLM launcher of the integration tests
 
 from http_backend import SAMPLING, backends, parse_counters, root_of, warm_up  # noqa: E402  (benchmarks/ is on sys.path)
-from servers import VLLM_VENV, prm_dir, start_vllms, vllm_missing_message  # noqa: E402
+from servers import BLOCK_SIZE, VLLM_VENV, prm_dir, start_vllms, vllm_missing_message  # noqa: E402
 
 from itscale import zoo  # noqa: E402
 from itscale.bench.backends import served_model  # noqa: E402
@@ -157,6 +161,7 @@ class Settings:
     resampler: str
     log_dir: Path
     server_pgids: dict[str, int] | None = None
+    kv_block: int | None = None
 
 
 # -- server counters -------------------------------------------------------------------
@@ -271,7 +276,7 @@ def itscale_params(method: str, budget: int, s: Settings) -> dict:
 
 async def run_itscale(method: str, budget: int, seed: int, s: Settings, servers: Servers) -> Run:
     """itscale's ``run_many`` over all problems at once (as ``benchmarks/http_backend.py``)."""
-    policy, prm = backends(s.policy_url, s.prm_url, s.max_concurrency)
+    policy, prm = backends(s.policy_url, s.prm_url, s.max_concurrency, s.kv_block)
     params = itscale_params(method, budget, s)
     strategy = make_strategy(method, policy, prm, format=arithmetic.STEP_FORMAT, sampling=s.sampling, **params)
     try:
@@ -550,6 +555,9 @@ def main() -> None:
     ap.add_argument("--max-step-tokens", type=int, default=SAMPLING.max_step_tokens)
     ap.add_argument("--max-concurrency", type=int, default=64, help="itscale's HTTP requests in flight per client")
     ap.add_argument("--resampler", default="systematic", help="itscale's particle-filtering resampler")
+    ap.add_argument("--kv-block", type=int, default=BLOCK_SIZE,
+                    help=f"the policy server's KV block size, for itscale's block-aligned look-ahead (default "
+                         f"{BLOCK_SIZE}, as the servers started here; 0: off)")
     ap.add_argument("--vllm-args", default="", help="extra flags for the vLLM servers this script starts (both "
                     "libraries use them), e.g. '--max-num-seqs 1024'")
     ap.add_argument("--policy-url", help="a running OpenAI-compatible server for the policy (default: start vLLM)")
@@ -600,7 +608,7 @@ def main() -> None:
         settings = Settings(problems, args.budgets, args.methods, args.seed, args.repeats, args.beam_width,
                             args.max_concurrency,
                             sampling, policy_url, prm_url, its_hub_python, args.resampler, log_dir,
-                            None if args.policy_url else pgids)
+                            None if args.policy_url else pgids, args.kv_block or None)
         console.print(f"{len(problems)} '{args.level}' problems, all concurrently; budgets {args.budgets}; "
                       f"methods {args.methods}; temperature {sampling.temperature}, max {sampling.max_step_tokens} "
                       f"tokens/step, max {arithmetic.STEP_FORMAT.max_steps} steps; policy {policy_url}, PRM {prm_url}; "
@@ -618,7 +626,7 @@ def main() -> None:
                         "max_concurrency": args.max_concurrency, "resampler": args.resampler,
                         "sampling": asdict(sampling), "step_format": asdict(arithmetic.STEP_FORMAT),
                         "aggregation": AGGREGATION, "policy_url": policy_url, "prm_url": prm_url,
-                        "vllm_args": args.vllm_args,
+                        "vllm_args": args.vllm_args, "kv_block": args.kv_block,
                         "its_hub_version": ITS_HUB_VERSION, "vllm_startup_s": startup, "total_s": total}
         args.output.write_text(json.dumps({"settings": settings_out, "rows": rows}, indent=1, default=str))
         console.print(f"results written to {args.output}")

@@ -77,7 +77,8 @@ VLLM_ENV = {
 #: ``--block-size 32``: on CPU vLLM's KV blocks default to 128 tokens, and its prefix cache
 #: only reuses whole blocks, so with the embedded models' short contexts (at most 256
 #: tokens) nothing is ever reused: every particle's step re-reads its whole context.
-VLLM_ARGS = ("--enforce-eager", "--dtype", "float32", "--no-enable-chunked-prefill", "--block-size", "32",
+BLOCK_SIZE = 32  # KV block (tokens); clients may align to it (OpenAIGenerator's kv_block)
+VLLM_ARGS = ("--enforce-eager", "--dtype", "float32", "--no-enable-chunked-prefill", "--block-size", str(BLOCK_SIZE),
              "--distributed-executor-backend", "uni", "--disable-uvicorn-access-log")
 START_TIMEOUT = 600.0
 STOP_GRACE = 20.0

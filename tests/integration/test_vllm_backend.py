@@ -29,7 +29,7 @@ pytest.importorskip("httpx")
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from servers import FaultProxy, free_port, prm_dir, require_vllm, start_vllms  # noqa: E402
+from servers import BLOCK_SIZE, FaultProxy, free_port, prm_dir, require_vllm, start_vllms  # noqa: E402
 
 from itscale import zoo  # noqa: E402
 from itscale.lm import BackendError, EndpointPool, HFGenerator, OpenAIGenerator  # noqa: E402
@@ -95,9 +95,10 @@ def hf_prm():
     return HFTagPRM.from_pretrained(PRM, delimiter=arithmetic.DELIMITER, run_in_thread=False)
 
 
-def policy(url: str, merge_prompts: int = 256, **http) -> OpenAIGenerator:
+def policy(url: str, merge_prompts: int = 256, kv_block: int | None = None, **http) -> OpenAIGenerator:
     """A generator for the embedded policy (tokenizer from the served folder); fast backoff."""
-    return OpenAIGenerator(EndpointPool(url, backoff_base=0.01, **http), str(POLICY), merge_prompts=merge_prompts)
+    return OpenAIGenerator(EndpointPool(url, backoff_base=0.01, **http), str(POLICY), merge_prompts=merge_prompts,
+                           kv_block=kv_block)
 
 
 def prm(url: str, **http) -> RemoteTagPRM:
@@ -246,6 +247,34 @@ def test_particle_filtering_end_to_end(policy_url, prm_url):
     assert gen.http.usage.failures == 0 and scorer.stats.failed_steps == 0
     generated = sum(r.cost.generated_tokens for r in results)
     assert generated <= gen.http.usage.completion_tokens  # every counted token came from the server
+
+
+def prefilled_tokens(url: str) -> float:
+    """The server's prompt tokens minus its prefix-cached ones, so far (``/metrics``)."""
+    import httpx
+
+    counters = {}
+    for line in httpx.get(url.removesuffix("/v1") + "/metrics", timeout=10).text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name in ("vllm:prompt_tokens_total", "vllm:prompt_tokens_cached_total"):
+            counters[name] = counters.get(name, 0.0) + float(line.split()[-1])
+    return counters["vllm:prompt_tokens_total"] - counters.get("vllm:prompt_tokens_cached_total", 0.0)
+
+
+def test_particle_filtering_with_block_aligned_look_ahead(policy_url, prm_url):
+    """kv_block=32 (the test servers' block): the run is as sound as with plain step requests,
+    and the server prefills far fewer tokens (continuations start on block boundaries)."""
+    problems = PROBLEMS[:8]
+    before = prefilled_tokens(policy_url)
+    results = run_pf(policy(policy_url, kv_block=BLOCK_SIZE), prm(prm_url), problems, budget=8)
+    ahead = prefilled_tokens(policy_url) - before
+    assert [r.status for r in results] == ["ok"] * len(problems), [r.message for r in results]
+    assert sum(arithmetic.is_correct(r.problem, r.solution) for r in results) > 0
+    assert all(r.cost.generated_tokens > 0 for r in results)
+    before = prefilled_tokens(policy_url)
+    run_pf(policy(policy_url), prm(prm_url), problems, budget=8)
+    plain = prefilled_tokens(policy_url) - before
+    assert ahead < plain / 2, (ahead, plain)
 
 
 # -- faults -----------------------------------------------------------------------------------

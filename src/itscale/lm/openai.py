@@ -64,6 +64,14 @@ before, and the step comes back the same: vLLM's ``stop_reason`` is then the tok
 read as the stop string it stands for (a step whose text does not end with that string
 means the local tokenizer is not the server's, and fails with an error saying so).
 
+Look-ahead
+----------
+With ``kv_block=B`` (and merging on), step requests do not stop at the delimiter: each
+continuation runs to a KV-block boundary, the step is cut client-side exactly as the
+server would cut it, and the rest is kept for that particle's next round, which then
+needs no request or one whose prompt ends on a block boundary (no tail to re-prefill).
+Exact; see :mod:`itscale.lm.lookahead`.
+
 Merged requests
 ---------------
 One ``/completions`` request per ``StepRequest`` costs the server a request's worth of
@@ -110,6 +118,7 @@ from typing import Any, Mapping, Sequence
 from ..types import Capabilities, Step, StepRequest
 from .http import BackendError, EndpointPool, Reply
 from .loading import TOKENIZER_FILES, ChatPrompts, ModelLoadError, encode, load_tokenizer
+from .lookahead import Lookahead
 
 __all__ = ["BackendError", "OpenAIGenerator", "make_pool", "resolve_tokenizer"]
 
@@ -216,6 +225,8 @@ class OpenAIGenerator:
     standard OpenAI fields. ``extra_body`` is merged into every request body.
     ``n_parameters`` (the model's size) enables FLOP estimates. ``merge_prompts`` is the
     most contexts sent in one HTTP request (1: never merge; see "Merged requests").
+    ``kv_block`` (the server's KV block size, e.g. 32 for vLLM on CPU, 16 on GPU) turns on
+    block-aligned look-ahead for step requests (see "Look-ahead").
     """
 
     def __init__(
@@ -235,6 +246,7 @@ class OpenAIGenerator:
         extra_body: Mapping[str, Any] | None = None,
         n_parameters: int | None = None,
         merge_prompts: int = 256,
+        kv_block: int | None = None,
         transport: Any = None,
     ):
         if merge_prompts < 1:
@@ -256,6 +268,7 @@ class OpenAIGenerator:
         self._chat_prompt = ChatPrompts(self.tokenizer, system_prompt)
         self.context_length: int | None = None  # learnt from a server that rejected max_tokens
         self._stop_token_ids: dict[tuple[str, ...], dict[int, str]] = {}
+        self.lookahead = Lookahead(self, kv_block) if kv_block is not None and self.tokenizer is not None else None
 
     # -- public API -------------------------------------------------------------------
     def context_text(self, prompt: str, prefix: str = "") -> str:
@@ -264,6 +277,22 @@ class OpenAIGenerator:
 
     async def generate_steps(self, requests: Sequence[StepRequest]) -> list[list[Step]]:
         requests = list(requests)
+        if self.lookahead is not None and self.api == "completions" and self.merge_prompts > 1:
+            stepwise = {i for i, r in enumerate(requests) if r.k > 0 and r.stop}
+            if stepwise:
+                rest = [i for i in range(len(requests)) if i not in stepwise]
+                ahead, plain = await asyncio.gather(
+                    self.lookahead.generate_steps([requests[i] for i in sorted(stepwise)]),
+                    self._generate([requests[i] for i in rest]))
+                out: list[list[Step]] = [[] for _ in requests]
+                for i, steps in [*zip(sorted(stepwise), ahead), *zip(rest, plain)]:
+                    out[i] = steps
+                return out
+        return await self._generate(requests)
+
+    async def _generate(self, requests: list[StepRequest]) -> list[list[Step]]:
+        if not requests:
+            return []
         if self.api != "completions" or self.merge_prompts == 1 or sum(r.k for r in requests) <= 1:
             return list(await asyncio.gather(*(self._serve(r) for r in requests)))
         groups: dict[tuple, list[int]] = {}

@@ -1,0 +1,251 @@
+r"""Block-aligned look-ahead for step-by-step generation over HTTP (``OpenAIGenerator(kv_block=B)``).
+
+Why: a server's prefix cache (vLLM's) reuses KV only in whole blocks of ``B`` tokens. A
+particle that stops at its step delimiter leaves the tail of its last block uncached,
+so its next request re-prefills that tail — on short steps more tokens than it
+generates. Here a particle's request does not stop at the delimiter: it generates up to
+the next block boundary (``max_tokens`` chosen so that every token whose KV the server
+computed fills whole blocks; at least ``B/2`` tokens), and the client cuts the step off
+the text exactly as the server would have (first stop string, kept; or
+``max_step_tokens`` tokens; or end of sequence / context). What follows the step is kept
+as that particle's *look-ahead*:
+
+- If the next round asks to continue the particle's context, its next step is read from
+  the look-ahead — no request at all when the look-ahead holds a whole step; otherwise
+  one request continues it, with a prompt that ends on a block boundary, so the server
+  prefills one token instead of the tail.
+- Exactness: the look-ahead is a draw from the policy given the context, made before
+  anything is decided from the step's score. Each look-ahead serves one continuation (a
+  particle duplicated by resampling gets a fresh continuation for its other copies).
+- Look-ahead of the problem's particles that the next call does not continue (not
+  selected) is dropped; its tokens are added to that call's first step of the problem,
+  so ``Step.tokens`` still counts everything generated.
+
+Requests are merged into ``/completions`` prompt lists (one per distinct ``max_tokens``),
+unseeded, as :class:`~itscale.lm.openai.OpenAIGenerator` merges them. A step's
+``prompt_tokens`` is the context tokens sent on its behalf (local tokenizer), its
+``prefilled_tokens`` unknown. The alignment counts the prompt's tokens with the local
+tokenizer: right for a server that tokenizes the text the same way; otherwise it only
+costs cache hits, never correctness. A BPE token that spans a stop string starts the
+next step with its remainder, where a fresh request would re-tokenize the text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Sequence
+
+from ..types import Step, StepRequest
+from .http import BackendError
+from .loading import encode
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .openai import OpenAIGenerator
+
+__all__ = ["Lookahead", "cut_step", "split_tokens"]
+
+Piece = tuple[str, float, int]  # (text, log-probability, tokens)
+MAX_LANES = 1 << 16  # look-aheads kept at most (problems that ended leave some behind)
+
+
+def cut_step(pieces: Sequence[Piece], stop: Sequence[str], max_tokens: int,
+             ended: str | None) -> tuple[Step, int, Piece | None] | None:
+    """The next step in ``pieces``, as a server ends it: at the first stop string (kept),
+    after ``max_tokens`` tokens, or where the text ended (``ended``: ``"eos"``/``"length"``).
+
+    Returns ``(step, pieces used, remainder)`` — the remainder is the text after a stop
+    string inside the last piece used (its token is counted in this step) — or ``None``
+    while the text holds no whole step yet.
+    """
+    text, logprob, tokens = "", 0.0, 0
+    longest = max(map(len, stop), default=0)
+    for i, (piece, lp, n) in enumerate(pieces):
+        start = max(len(text) - longest + 1, 0)
+        text += piece
+        logprob += lp
+        tokens += n
+        ends = [at + len(s) for s in stop if (at := text.find(s, start)) >= 0]
+        if ends:
+            end = min(ends)
+            rest = text[end:]
+            return Step(text[:end], tokens, logprob=logprob, finish_reason="stop"), i + 1, (rest, 0.0, 0) if rest else None
+        if tokens >= max_tokens:
+            return Step(text, tokens, logprob=logprob, finish_reason="length"), i + 1, None
+    if ended is not None:
+        return Step(text, tokens, logprob=logprob, finish_reason=ended), len(pieces), None
+    return None
+
+
+def split_tokens(text: str, tokens: Sequence[str], logprobs: Sequence[float | None]) -> list[Piece]:
+    """A completion's text as one piece per returned token: the token's string where the
+    text goes on with it, else ``""`` (special tokens such as end-of-sequence); text left
+    over joins the last piece."""
+    pieces, at = [], 0
+    for token, lp in zip(tokens, logprobs):
+        if token and text.startswith(token, at):
+            pieces.append((token, float(lp or 0.0), 1))
+            at += len(token)
+        else:
+            pieces.append(("", float(lp or 0.0), 1))
+    if not pieces:
+        return [(text, 0.0, 0)] if text else []
+    if at < len(text):
+        piece, lp, n = pieces[-1]
+        pieces[-1] = (piece + text[at:], lp, n)
+    return pieces
+
+
+@dataclass(eq=False)
+class _Lane:
+    """One continuation being generated: its context and the text after it."""
+
+    context: str
+    pieces: list[Piece] = field(default_factory=list)
+    ended: str | None = None  # "eos" / "length" once the text cannot go on
+    error: str | None = None
+    prompt_tokens: int = 0  # context tokens sent for its current step
+
+    @property
+    def tokens(self) -> int:
+        return sum(n for _, _, n in self.pieces)
+
+
+class Lookahead:
+    """The look-ahead store and request loop of one :class:`OpenAIGenerator` (see the
+    module docstring); ``block`` is the server's KV block size in tokens."""
+
+    def __init__(self, generator: "OpenAIGenerator", block: int):
+        if block < 1:
+            raise ValueError(f"kv_block must be >= 1, got {block}")
+        self.gen, self.block = generator, int(block)
+        self.min_tokens = max(self.block // 2, 1)
+        self._lanes: dict[tuple, list[_Lane]] = {}  # (owner, sampling, context) -> look-aheads there
+        self.stats = {"reused": 0, "fresh": 0, "prompts": 0, "dropped_tokens": 0}
+
+    async def generate_steps(self, requests: Sequence[StepRequest]) -> list[list[Step]]:
+        dropped = self._drop_unwanted(requests)
+        lanes: list[tuple[int, _Lane]] = []
+        for i, r in enumerate(requests):
+            here = self._lanes.pop(self._key(r, r.prefix), [])
+            reused, spare = here[: r.k], here[r.k:]
+            if spare:
+                self._lanes[self._key(r, r.prefix)] = spare
+            self.stats["reused"] += len(reused)
+            self.stats["fresh"] += r.k - len(reused)
+            lanes += [(i, lane) for lane in reused] + [(i, _Lane(r.prefix)) for _ in range(r.k - len(reused))]
+        while todo := [(i, lane) for i, lane in lanes if self._needs_text(requests[i], lane)]:
+            await self._extend(requests, todo)
+        out: list[list[Step]] = [[] for _ in requests]
+        for i, lane in lanes:
+            out[i].append(self._take_step(requests[i], lane))
+        for owner, tokens in dropped.items():
+            first = next((i for i, r in enumerate(requests) if _owner(r) == owner and out[i]), None)
+            if first is not None:
+                out[first][0] = replace(out[first][0], tokens=out[first][0].tokens + tokens)
+        return out
+
+    # -- the store ------------------------------------------------------------------------
+    @staticmethod
+    def _key(request: StepRequest, context: str) -> tuple:
+        return _owner(request), (request.params.temperature, request.params.top_p), context
+
+    def _drop_unwanted(self, requests: Sequence[StepRequest]) -> dict[tuple[str, str], int]:
+        """Forget the look-ahead of these problems' particles that the call does not continue;
+        its tokens by problem."""
+        owners = {_owner(r) for r in requests}
+        wanted = {self._key(r, r.prefix) for r in requests}
+        dropped: dict[tuple[str, str], int] = {}
+        for key in [k for k in self._lanes if k[0] in owners and k not in wanted]:
+            dropped[key[0]] = dropped.get(key[0], 0) + sum(lane.tokens for lane in self._lanes.pop(key))
+        excess = sum(map(len, self._lanes.values())) - MAX_LANES
+        for key in list(self._lanes)[: max(excess, 0)]:
+            del self._lanes[key]
+        self.stats["dropped_tokens"] += sum(dropped.values())
+        return dropped
+
+    # -- generating -----------------------------------------------------------------------
+    def _needs_text(self, request: StepRequest, lane: _Lane) -> bool:
+        return lane.error is None and cut_step(lane.pieces, request.stop, request.params.max_step_tokens,
+                                               lane.ended) is None
+
+    def _prompt_tokens(self, request: StepRequest, text: str) -> int:
+        prompt, special = self.gen._chat_prompt(request.problem.prompt)
+        return len(encode(self.gen.tokenizer, prompt + text, add_special_tokens=special))
+
+    def _room(self, n: int) -> int:
+        """Tokens to generate after an ``n``-token prompt so that the KV the server computes
+        (all but the last sampled token) ends on a block boundary: at least ``min_tokens``."""
+        room = (-n) % self.block + 1
+        while room < self.min_tokens:
+            room += self.block
+        limit = self.gen.context_length
+        return room if limit is None else min(room, limit - n)
+
+    async def _extend(self, requests: Sequence[StepRequest], todo: list[tuple[int, _Lane]]) -> None:
+        """One more chunk of text for every lane in ``todo``, merged by sampling and length."""
+        groups: dict[tuple, list[tuple[int, _Lane, str, int]]] = {}
+        for i, lane in todo:
+            r = requests[i]
+            text = lane.context + "".join(piece for piece, _, _ in lane.pieces)
+            n = self._prompt_tokens(r, text)
+            lane.prompt_tokens += n
+            room = self._room(n)
+            if room < 1:  # the context is full
+                lane.ended = "length"
+                continue
+            key = (r.params.temperature, r.params.top_p, room)
+            groups.setdefault(key, []).append((i, lane, text, room))
+        chunks = [items[j:j + self.gen.merge_prompts] for items in groups.values()
+                  for j in range(0, len(items), self.gen.merge_prompts)]
+        await asyncio.gather(*(self._send(requests, chunk) for chunk in chunks))
+
+    async def _send(self, requests: Sequence[StepRequest], chunk: list[tuple[int, _Lane, str, int]]) -> None:
+        first = requests[chunk[0][0]]
+        body = self.gen._body(replace(first, stop=()), 1, None)
+        body["max_tokens"] = chunk[0][3]
+        body["prompt"] = [self.gen.context_text(requests[i].problem.prompt, text) for i, _, text, _ in chunk]
+        self.stats["prompts"] += len(chunk)
+        try:
+            reply = await self.gen.http.post("completions", body)
+            choices = sorted(reply.data["choices"], key=lambda c: c.get("index", 0))
+            if len(choices) != len(chunk):
+                raise BackendError(reply.endpoint, 200, f"{len(choices)} choices for {len(chunk)} prompts")
+            for (_, lane, _, room), choice in zip(chunk, choices):
+                lp = choice.get("logprobs") or {}
+                new = split_tokens(choice.get("text") or "", lp.get("tokens") or (), lp.get("token_logprobs") or ())
+                lane.pieces += new
+                reason = choice.get("finish_reason")
+                if reason == "stop":
+                    lane.ended = "eos"
+                elif reason == "length" and sum(n for _, _, n in new) < room:  # the context ran out first
+                    lane.ended = "length"
+                elif reason != "length":
+                    lane.error = f"{reply.endpoint}: the server ended the completion with finish_reason={reason!r}"
+        except BackendError as err:
+            if self.gen._learn_context_length(err):
+                return  # the rooms are recomputed with the context length now known
+            for _, lane, _, _ in chunk:
+                lane.error = str(err)
+        except (KeyError, TypeError, ValueError) as err:
+            for _, lane, _, _ in chunk:
+                lane.error = f"unexpected response shape ({type(err).__name__}: {err})"
+
+    def _take_step(self, request: StepRequest, lane: _Lane) -> Step:
+        """The lane's next step; what follows it is kept for the particle's next round."""
+        if lane.error is not None:
+            return Step("", 0, finish_reason="error", error=lane.error)
+        step, used, remainder = cut_step(lane.pieces, request.stop, request.params.max_step_tokens, lane.ended)
+        del lane.pieces[:used]
+        if remainder is not None:
+            lane.pieces.insert(0, remainder)
+        step = replace(step, prompt_tokens=lane.prompt_tokens)
+        lane.prompt_tokens = 0
+        lane.context += step.text
+        if step.finish_reason == "stop" and (lane.pieces or lane.ended is None):
+            self._lanes.setdefault(self._key(request, lane.context), []).append(lane)
+        return step
+
+
+def _owner(request: StepRequest) -> tuple[str, str]:
+    return str(request.problem.id), request.problem.prompt
