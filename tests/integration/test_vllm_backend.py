@@ -381,7 +381,7 @@ def test_bench_with_http_policy_and_prm(policy_url, prm_url, tmp_path):
 
     config = validate_config({
         "problems": {"source": "arithmetic:medium", "limit": 5},
-        "policy": {"model": policy_url, "max_step_tokens": 24},
+        "policy": {"model": policy_url, "max_step_tokens": 24, "kv_block": BLOCK_SIZE},
         "prm": {"model": prm_url},
         "methods": [{"name": "self_consistency"}, {"name": "particle_filtering"}],
         "budgets": [2],

@@ -174,6 +174,8 @@ def test_long_steps_end_at_max_step_tokens_and_whole_solutions_go_plain(tokenize
     assert whole.bodies[0]["max_tokens"] == SAMPLING.max_step_tokens  # no look-ahead without a stop string
 
 
-def test_kv_block_must_be_positive():
+def test_kv_block_must_be_positive_and_needs_the_completions_api():
     with pytest.raises(ValueError, match="kv_block"):
         OpenAIGenerator(URL, "policy", tokenizer=zoo.policy_path(), kv_block=0)
+    with pytest.raises(ValueError, match="kv_block needs the completions API"):
+        OpenAIGenerator(URL, "policy", kv_block=32)  # no tokenizer: chat API

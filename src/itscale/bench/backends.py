@@ -100,6 +100,7 @@ def load_backends(config: BenchConfig) -> Backends:
 
         name = served_model(config.policy.model, config.policy.served_model, "policy.model")
         policy = OpenAIGenerator(config.policy.model, name, merge_prompts=config.policy.merge_prompts,
+                                 kv_block=config.policy.kv_block,
                                  tokenizer=_tokenizer_for(config.policy, name, zoo.policy_path()))
         description = {"policy": f"{config.policy.model} ({name})"}
     else:

@@ -81,6 +81,9 @@ class PolicyConfig(_Backend):
     max_batch: int = Field(256, ge=1, description="rows decoded together")
     merge_prompts: int = Field(256, ge=1, description="HTTP policy: contexts sent in one request (fast, but the "
                                                       "server cannot seed them); 1 = one seeded request each")
+    kv_block: int | None = Field(None, ge=1, description="HTTP policy: the server's KV block size (vLLM: 16 on GPU, "
+                                                         "32 on CPU as the tests start it) for block-aligned look-ahead; "
+                                                         "unset: steps stop at the delimiter")
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_step_tokens=self.max_step_tokens)
@@ -195,7 +198,9 @@ class BenchConfig(_Strict):
 
     def backend_fingerprint(self) -> dict:
         """What the results depend on besides the method: models, sampling, format."""
-        local_only = {"threads", "max_batch"} | (set() if self.policy.is_http else {"merge_prompts"})
+        local_only = {"threads", "max_batch"} | (set() if self.policy.is_http else {"merge_prompts", "kv_block"})
+        if self.policy.kv_block is None:  # stores written before the setting existed keep their keys
+            local_only.add("kv_block")
         return {"policy": self.policy.model_dump(exclude=local_only),
                 "prm": self.prm.model_dump(exclude={"max_batch"}),
                 "format": self.format if isinstance(self.format, str) else self.format.model_dump()}

@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from ..types import Step, StepRequest
 from .http import BackendError
-from .loading import encode
 
 if TYPE_CHECKING:  # pragma: no cover
     from .openai import OpenAIGenerator
@@ -169,10 +168,6 @@ class Lookahead:
         return lane.error is None and cut_step(lane.pieces, request.stop, request.params.max_step_tokens,
                                                lane.ended) is None
 
-    def _prompt_tokens(self, request: StepRequest, text: str) -> int:
-        prompt, special = self.gen._chat_prompt(request.problem.prompt)
-        return len(encode(self.gen.tokenizer, prompt + text, add_special_tokens=special))
-
     def _room(self, n: int) -> int:
         """Tokens to generate after an ``n``-token prompt so that the KV the server computes
         (all but the last sampled token) ends on a block boundary: at least ``min_tokens``."""
@@ -188,7 +183,7 @@ class Lookahead:
         for i, lane in todo:
             r = requests[i]
             text = lane.context + "".join(piece for piece, _, _ in lane.pieces)
-            n = self._prompt_tokens(r, text)
+            n = self.gen.context_tokens(r.problem.prompt, text)
             lane.prompt_tokens += n
             room = self._room(n)
             if room < 1:  # the context is full

@@ -268,7 +268,9 @@ class OpenAIGenerator:
         self._chat_prompt = ChatPrompts(self.tokenizer, system_prompt)
         self.context_length: int | None = None  # learnt from a server that rejected max_tokens
         self._stop_token_ids: dict[tuple[str, ...], dict[int, str]] = {}
-        self.lookahead = Lookahead(self, kv_block) if kv_block is not None and self.tokenizer is not None else None
+        if kv_block is not None and self.api != "completions":
+            raise ValueError("kv_block needs the completions API: pass the policy's tokenizer (tokenizer=FOLDER)")
+        self.lookahead = Lookahead(self, kv_block) if kv_block is not None else None
 
     # -- public API -------------------------------------------------------------------
     def context_text(self, prompt: str, prefix: str = "") -> str:
@@ -411,10 +413,14 @@ class OpenAIGenerator:
 
     def _prompt_tokens(self, request: StepRequest) -> int:
         """The context's token count (local tokenizer; 0 without one)."""
+        return self.context_tokens(request.problem.prompt, request.prefix)
+
+    def context_tokens(self, prompt: str, prefix: str = "") -> int:
+        """Tokens of :meth:`context_text` (local tokenizer; 0 without one)."""
         if self.tokenizer is None:
             return 0
-        text, special = self._chat_prompt(request.problem.prompt)
-        return len(encode(self.tokenizer, text + request.prefix, add_special_tokens=special))
+        text, special = self._chat_prompt(prompt)
+        return len(encode(self.tokenizer, text + prefix, add_special_tokens=special))
 
     def _seed(self, request: StepRequest) -> int | None:
         """The seed sent: the request's own, unless merging is on (see "Merged requests")."""
