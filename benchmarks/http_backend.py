@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import re
 import sys
 import time
@@ -161,6 +162,7 @@ def main() -> None:
     ap.add_argument("--vllm-args", default="", help="extra flags for the vLLM servers this script starts, "
                                                     "e.g. '--max-num-seqs 512'")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the vLLM servers (ExitStack) on kill, too
     if (args.policy_url is None) != (args.prm_url is None):
         ap.error("give both --policy-url and --prm-url, or neither")
     problems = arithmetic.eval_set(args.level)[: args.problems]

@@ -87,6 +87,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import json
 import math
 import os
@@ -565,6 +566,7 @@ def main() -> None:
     ap.add_argument("--its-hub-venv", type=Path, default=ITS_HUB_VENV)
     ap.add_argument("--output", type=Path, help="write every result (and the settings) as JSON here")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the vLLM servers (ExitStack) on kill, too
     if (args.policy_url is None) != (args.prm_url is None):
         ap.error("give both --policy-url and --prm-url, or neither")
     if any(b < 1 for b in args.budgets):
