@@ -179,3 +179,21 @@ def test_kv_block_must_be_positive_and_needs_the_completions_api():
         OpenAIGenerator(URL, "policy", tokenizer=zoo.policy_path(), kv_block=0)
     with pytest.raises(ValueError, match="kv_block needs the completions API"):
         OpenAIGenerator(URL, "policy", kv_block=32)  # no tokenizer: chat API
+
+
+def test_a_problem_that_uses_little_of_its_look_ahead_goes_back_to_plain_requests(tokenizer):
+    """Beam-search-like: of four continuations one goes on and three are dropped; from then on
+    that problem's steps stop at the delimiter (stop string sent), while another problem whose
+    particles go on keeps its look-ahead."""
+    steps = ["1+1=2\n", "2*3=6\n", "6-1=5\n", "5+5=10\n"]
+    server = FakeServer(tokenizer, solution="".join(steps) + "Answer: 10")
+    gen = generator(server)
+    rounds(gen, [
+        lambda _: [request(P1, steps[:t]) for t in range(4)] + [request(P2)],  # four P1 particles, four contexts
+        lambda out: [request(P1, steps[:4]), request(P2, steps[:1])],  # only the deepest P1 particle goes on
+    ])
+    assert gen.lookahead._fate[("p1", P1.prompt)] == [0, 3]  # three dropped; the fourth was not used
+    *_, last = [b for b in server.bodies]
+    prompts = last["prompt"] if isinstance(last["prompt"], list) else [last["prompt"]]
+    assert "stop" in last and prompts == [server.bases[0] + "".join(steps)]  # P1: a plain request
+    assert not any("stop" in b and server.bases[1] in str(b["prompt"]) for b in server.bodies)  # P2: look-ahead

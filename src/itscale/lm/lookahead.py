@@ -20,6 +20,9 @@ as that particle's *look-ahead*:
 - Look-ahead of the problem's particles that the next call does not continue (not
   selected) is dropped; its tokens are added to that call's first step of the problem,
   so ``Step.tokens`` still counts everything generated.
+- It pays only where most particles go on. A problem whose kept look-ahead has been
+  used less than half the time (beam search keeps one child in M, DVTS one in M) goes
+  back to plain step requests that stop at the delimiter.
 
 Requests are merged into ``/completions`` prompt lists (one per distinct ``max_tokens``),
 unseeded, as :class:`~itscale.lm.openai.OpenAIGenerator` merges them. A step's
@@ -120,10 +123,39 @@ class Lookahead:
         self.gen, self.block = generator, int(block)
         self.min_tokens = max(self.block // 2, 1)
         self._lanes: dict[tuple, list[_Lane]] = {}  # (owner, sampling, context) -> look-aheads there
+        self._fate: dict[tuple[str, str], list[int]] = {}  # owner -> [look-aheads used, dropped]
         self.stats = {"reused": 0, "fresh": 0, "prompts": 0, "dropped_tokens": 0}
 
     async def generate_steps(self, requests: Sequence[StepRequest]) -> list[list[Step]]:
+        """Steps for ``requests`` (all with stop strings); problems where look-ahead does not
+        pay go through the generator's plain requests."""
         dropped = self._drop_unwanted(requests)
+        usable: dict[tuple[str, str], int] = {}  # look-aheads this call can use, by problem
+        for r in requests:
+            usable[_owner(r)] = usable.get(_owner(r), 0) + min(r.k, len(self._lanes.get(self._key(r, r.prefix), ())))
+        plain = [i for i, r in enumerate(requests) if not self._pays(_owner(r), usable[_owner(r)])]
+        ahead = [i for i in range(len(requests)) if i not in set(plain)]
+        out: list[list[Step]] = [[] for _ in requests]
+        steps, plain_steps = await asyncio.gather(self._generate([requests[i] for i in ahead]),
+                                                  self.gen._generate([requests[i] for i in plain]))
+        for i, s in [*zip(ahead, steps), *zip(plain, plain_steps)]:
+            out[i] = s
+        for owner, tokens in dropped.items():
+            first = next((i for i, r in enumerate(requests) if _owner(r) == owner and out[i]), None)
+            if first is not None:
+                out[first][0] = replace(out[first][0], tokens=out[first][0].tokens + tokens)
+        return out
+
+    def _pays(self, owner: tuple[str, str], usable: int) -> bool:
+        """Whether the problem has used at least half of its look-aheads (counting those this
+        call can use; judged once four have been used or dropped)."""
+        used, dropped = self._fate.get(owner, (0, 0))
+        used += usable
+        return used + dropped < 4 or used >= dropped
+
+    async def _generate(self, requests: Sequence[StepRequest]) -> list[list[Step]]:
+        if not requests:
+            return []
         lanes: list[tuple[int, _Lane]] = []
         for i, r in enumerate(requests):
             here = self._lanes.pop(self._key(r, r.prefix), [])
@@ -132,16 +164,14 @@ class Lookahead:
                 self._lanes[self._key(r, r.prefix)] = spare
             self.stats["reused"] += len(reused)
             self.stats["fresh"] += r.k - len(reused)
+            if reused:
+                self._fate.setdefault(_owner(r), [0, 0])[0] += len(reused)
             lanes += [(i, lane) for lane in reused] + [(i, _Lane(r.prefix)) for _ in range(r.k - len(reused))]
         while todo := [(i, lane) for i, lane in lanes if self._needs_text(requests[i], lane)]:
             await self._extend(requests, todo)
         out: list[list[Step]] = [[] for _ in requests]
         for i, lane in lanes:
             out[i].append(self._take_step(requests[i], lane))
-        for owner, tokens in dropped.items():
-            first = next((i for i, r in enumerate(requests) if _owner(r) == owner and out[i]), None)
-            if first is not None:
-                out[first][0] = replace(out[first][0], tokens=out[first][0].tokens + tokens)
         return out
 
     # -- the store ------------------------------------------------------------------------
@@ -156,10 +186,14 @@ class Lookahead:
         wanted = {self._key(r, r.prefix) for r in requests}
         dropped: dict[tuple[str, str], int] = {}
         for key in [k for k in self._lanes if k[0] in owners and k not in wanted]:
-            dropped[key[0]] = dropped.get(key[0], 0) + sum(lane.tokens for lane in self._lanes.pop(key))
+            lanes = self._lanes.pop(key)
+            dropped[key[0]] = dropped.get(key[0], 0) + sum(lane.tokens for lane in lanes)
+            self._fate.setdefault(key[0], [0, 0])[1] += len(lanes)
         excess = sum(map(len, self._lanes.values())) - MAX_LANES
         for key in list(self._lanes)[: max(excess, 0)]:
             del self._lanes[key]
+        for owner in list(self._fate)[: max(len(self._fate) - MAX_LANES, 0)]:
+            del self._fate[owner]
         self.stats["dropped_tokens"] += sum(dropped.values())
         return dropped
 
