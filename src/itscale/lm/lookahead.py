@@ -127,14 +127,18 @@ class Lookahead:
         self.stats = {"reused": 0, "fresh": 0, "prompts": 0, "dropped_tokens": 0}
 
     async def generate_steps(self, requests: Sequence[StepRequest]) -> list[list[Step]]:
-        """Steps for ``requests`` (all with stop strings); problems where look-ahead does not
-        pay go through the generator's plain requests."""
-        dropped = self._drop_unwanted(requests)
+        """Steps for ``requests``. Step requests (with stop strings) of problems where
+        look-ahead pays are served here; the others (whole solutions, problems that use
+        little look-ahead) go through the generator's plain requests."""
+        stepwise = [r for r in requests if r.k > 0 and r.stop]
+        dropped = self._drop_unwanted(stepwise)
         usable: dict[tuple[str, str], int] = {}  # look-aheads this call can use, by problem
-        for r in requests:
+        for r in stepwise:
             usable[_owner(r)] = usable.get(_owner(r), 0) + min(r.k, len(self._lanes.get(self._key(r, r.prefix), ())))
-        plain = [i for i, r in enumerate(requests) if not self._pays(_owner(r), usable[_owner(r)])]
-        ahead = [i for i in range(len(requests)) if i not in set(plain)]
+        ahead = [i for i, r in enumerate(requests)
+                 if r.k > 0 and r.stop and self._pays(_owner(r), usable[_owner(r)])]
+        chosen = set(ahead)
+        plain = [i for i in range(len(requests)) if i not in chosen]
         out: list[list[Step]] = [[] for _ in requests]
         steps, plain_steps = await asyncio.gather(self._generate([requests[i] for i in ahead]),
                                                   self.gen._generate([requests[i] for i in plain]))

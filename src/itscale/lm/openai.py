@@ -279,17 +279,8 @@ class OpenAIGenerator:
 
     async def generate_steps(self, requests: Sequence[StepRequest]) -> list[list[Step]]:
         requests = list(requests)
-        if self.lookahead is not None and self.api == "completions" and self.merge_prompts > 1:
-            stepwise = {i for i, r in enumerate(requests) if r.k > 0 and r.stop}
-            if stepwise:
-                rest = [i for i in range(len(requests)) if i not in stepwise]
-                ahead, plain = await asyncio.gather(
-                    self.lookahead.generate_steps([requests[i] for i in sorted(stepwise)]),
-                    self._generate([requests[i] for i in rest]))
-                out: list[list[Step]] = [[] for _ in requests]
-                for i, steps in [*zip(sorted(stepwise), ahead), *zip(rest, plain)]:
-                    out[i] = steps
-                return out
+        if self.lookahead is not None and self.merge_prompts > 1:  # (look-ahead implies the completions API)
+            return await self.lookahead.generate_steps(requests)
         return await self._generate(requests)
 
     async def _generate(self, requests: list[StepRequest]) -> list[list[Step]]:
