@@ -20,33 +20,44 @@ from typing import Callable, Sequence
 
 def _zoo_train_policy(ns: argparse.Namespace) -> int:
     from . import zoo
-    from .zoo.training import PolicyArgs, train_policy
+    from .zoo.training import PolicyArgs, TrainingSetupError, train_policy
 
     args = PolicyArgs(seed=ns.seed, steps=ns.steps, batch_size=ns.batch_size, lr=ns.lr,
                       warmup_steps=ns.warmup_steps, min_ops=ns.min_ops, max_ops=ns.max_ops,
-                      bf16_autocast=not ns.fp32, threads=ns.threads, checkpoint_every=ns.checkpoint_every)
+                      bf16_autocast=not ns.fp32, threads=ns.threads, device=ns.device,
+                      checkpoint_every=ns.checkpoint_every)
     if ns.hidden_size:
         args.arch.hidden_size = ns.hidden_size
     if ns.layers:
         args.arch.num_hidden_layers = ns.layers
     out = Path(ns.out) if ns.out else zoo.policy_path()
-    train_policy(out, args, checkpoint_dir=Path(ns.checkpoint_dir) if ns.checkpoint_dir else None)
+    try:
+        train_policy(out, args, checkpoint_dir=Path(ns.checkpoint_dir), resume=ns.resume)
+    except TrainingSetupError as err:  # device, checkpoint and settings problems, each naming the fix
+        print(f"itscale zoo train-policy: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
 def _zoo_train_prm(ns: argparse.Namespace) -> int:
     from . import zoo
-    from .zoo.training import PRMArgs, train_prm
+    from .zoo.training import PRMArgs, TrainingSetupError, train_prm
 
     args = PRMArgs(seed=ns.seed, n_problems=ns.problems, samples_per_problem=ns.samples,
-                   temperature=ns.temperature, steps=ns.steps, batch_size=ns.batch_size, lr=ns.lr,
-                   warmup_steps=ns.warmup_steps, near_misses=ns.near_misses,
-                   balance=not ns.no_balance, init_from_policy=not ns.from_scratch, bf16_autocast=not ns.fp32,
-                   threads=ns.threads)
+                   temperature=ns.temperature, policy_fraction=ns.policy_fraction, p_clean=ns.p_clean,
+                   p_line=ns.p_line, local_weight=ns.local_weight, digit_weight=ns.digit_weight,
+                   lm_weight=ns.lm_weight, steps=ns.steps, batch_size=ns.batch_size, lr=ns.lr,
+                   warmup_steps=ns.warmup_steps, init_from_policy=not ns.from_scratch, bf16_autocast=not ns.fp32,
+                   threads=ns.threads, device=ns.device, checkpoint_every=ns.checkpoint_every,
+                   val_problems=ns.val_problems)
     policy = Path(ns.policy) if ns.policy else zoo.policy_path()
     out = Path(ns.out) if ns.out else zoo.prm_path()
-    train_prm(policy, out, args, init_dir=Path(ns.init) if ns.init else None,
-              data_cache=Path(ns.data_cache) if ns.data_cache else None)
+    try:
+        train_prm(policy, out, args, init_dir=Path(ns.init) if ns.init else None,
+                  checkpoint_dir=Path(ns.checkpoint_dir), resume=ns.resume)
+    except TrainingSetupError as err:  # device, checkpoint and settings problems, each naming the fix
+        print(f"itscale zoo train-prm: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -60,7 +71,8 @@ def _zoo_evaluate(ns: argparse.Namespace) -> int:
     rep = evaluate(policy, prm, levels=ns.levels, n_greedy=ns.greedy_problems,
                    coverage_levels=ns.coverage_levels, coverage_problems=ns.coverage_problems, n=ns.n, k=ns.k,
                    temperature=ns.temperature, prm_levels=ns.prm_levels, prm_problems=ns.prm_problems,
-                   prm_samples=ns.prm_samples, seed=ns.seed, batch_size=ns.batch_size, threads=ns.threads, log=log)
+                   prm_samples=ns.prm_samples, slip_levels=ns.slip_levels, slip_problems=ns.slip_problems,
+                   seed=ns.seed, batch_size=ns.batch_size, threads=ns.threads, log=log)
     print("\n".join(rep.lines()))
     if ns.json:
         Path(ns.json).write_text(json.dumps(rep.as_dict(), indent=2) + "\n")
@@ -70,9 +82,20 @@ def _zoo_evaluate(ns: argparse.Namespace) -> int:
 def add_zoo_parser(sub: argparse._SubParsersAction) -> None:
     from .tasks.arithmetic import LEVELS
     from .zoo import DEFAULT_LEVEL
+    from .zoo.recipes import PRMArgs
 
     zoo = sub.add_parser("zoo", help="train and evaluate the embedded model pair")
     zsub = zoo.add_subparsers(dest="zoo_command", required=True, metavar="{train-policy,train-prm,evaluate}")
+
+    def training_options(p: argparse.ArgumentParser, name: str, checkpoint_every: int) -> None:
+        p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+        p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+        p.add_argument("--threads", type=int, default=2, help="CPU threads")
+        p.add_argument("--checkpoint-dir", default=f"itscale-zoo-checkpoints/{name}",
+                       help="where the resumable state goes (default: %(default)s)")
+        p.add_argument("--checkpoint-every", type=int, default=checkpoint_every, help="steps between checkpoints")
+        p.add_argument("--resume", action="store_true",
+                       help="continue the run in --checkpoint-dir (same settings) instead of starting over")
 
     p = zsub.add_parser("train-policy", help="train the embedded policy (2 CPU cores: ~17 min)")
     p.add_argument("--out", help="output folder (default: the shipped policy folder)")
@@ -85,31 +108,35 @@ def add_zoo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-ops", type=int, default=6)
     p.add_argument("--hidden-size", type=int, default=0, help="override the architecture's hidden size")
     p.add_argument("--layers", type=int, default=0, help="override the number of layers")
-    p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--checkpoint-dir", help="also save checkpoints here")
-    p.add_argument("--checkpoint-every", type=int, default=0)
+    training_options(p, "policy", 50)
     p.set_defaults(func=_zoo_train_policy)
 
-    p = zsub.add_parser("train-prm", help="sample the policy and train the embedded PRM (CPU, ~25 min)")
+    d = PRMArgs()
+    p = zsub.add_parser("train-prm", help="sample the policy and train the embedded PRM to verify each line")
     p.add_argument("--policy", help="policy folder to sample (default: the shipped policy)")
     p.add_argument("--out", help="output folder (default: the shipped PRM folder)")
-    p.add_argument("--seed", type=int, default=4321)
-    p.add_argument("--problems", type=int, default=2000)
-    p.add_argument("--samples", type=int, default=8, help="sampled solutions per problem")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup-steps", type=int, default=50)
-    p.add_argument("--near-misses", type=int, default=0,
-                   help="synthetic one-slip solutions added per training problem (validation stays policy samples)")
-    p.add_argument("--no-balance", action="store_true", help="do not reweight the two classes")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--problems", type=int, default=d.n_problems, help="problems whose policy samples are mixed in")
+    p.add_argument("--samples", type=int, default=d.samples_per_problem, help="sampled solutions per problem")
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--policy-fraction", type=float, default=d.policy_fraction,
+                   help="share of each batch from the policy's samples; the rest are synthetic near misses")
+    p.add_argument("--p-clean", type=float, default=d.p_clean, help="share of synthetic solutions with no slip")
+    p.add_argument("--p-line", type=float, default=d.p_line,
+                   help="in the others: each line past the first slipped one slips with this probability")
+    p.add_argument("--local-weight", type=float, default=d.local_weight, help="weight of the local-label loss")
+    p.add_argument("--digit-weight", type=float, default=d.digit_weight,
+                   help="weight of the loss on each result character's label")
+    p.add_argument("--lm-weight", type=float, default=d.lm_weight, help="weight of the next-digit loss on results")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--val-problems", type=int, default=d.val_problems,
+                   help="fresh problems for the validation numbers logged at each checkpoint")
     p.add_argument("--from-scratch", action="store_true", help="do not start from the policy's weights")
     p.add_argument("--init", help="start from this checkpoint's weights instead of the sampled policy's")
-    p.add_argument("--data-cache", help="JSONL of labelled samples: read if present, else written after sampling")
-    p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
-    p.add_argument("--threads", type=int, default=2)
+    training_options(p, "prm", d.checkpoint_every)
     p.set_defaults(func=_zoo_train_prm)
 
     p = zsub.add_parser("evaluate", help="print the model-card numbers")
@@ -123,9 +150,12 @@ def add_zoo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", type=int, default=64, help="samples per problem for pass@k")
     p.add_argument("-k", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--prm-levels", nargs="*", default=[DEFAULT_LEVEL], choices=list(LEVELS))
+    p.add_argument("--prm-levels", nargs="*", default=list(LEVELS), choices=list(LEVELS))
     p.add_argument("--prm-problems", type=int, default=200)
     p.add_argument("--prm-samples", type=int, default=8)
+    p.add_argument("--slip-levels", nargs="*", default=list(LEVELS), choices=list(LEVELS),
+                   help="levels of the PRM's slip test")
+    p.add_argument("--slip-problems", type=int, default=500, help="held-out problems per level in the slip test")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)

@@ -105,6 +105,40 @@ def test_step_labels_are_prefix_labels():
     assert A.step_labels(p, ["7+5=12", "Answer: 12"]) == [True, False]
 
 
+def test_local_labels_judge_each_line_given_the_lines_shown():
+    p = A.make_problem(7, [("+", 5), ("*", 3), ("-", 4)], "x")
+    ref = A.solution_text(p).split("\n")
+    assert A.local_step_labels(p, ref) == [True] * 4
+    # a slip is wrong where it happens; lines computed on from the slipped value are right
+    assert A.local_step_labels(p, ["7+5=12", "12*3=35", "35-4=31", "Answer: 31"]) == [True, False, True, True]
+    # a line that does not copy the previous result is wrong, as is the wrong operation
+    assert A.local_step_labels(p, ["7+5=13", "12*3=36", "36+4=40", "Answer: 40"]) == [False, False, False, True]
+    # after a malformed line nothing is defined; after the answer nothing is right
+    assert A.local_step_labels(p, ["7+5=12", "twelve", "36-4=32"]) == [True, False, None]
+    assert A.local_step_labels(p, ref + ["Answer: 32"]) == [True] * 4 + [False]
+    assert A.local_step_labels(p, ["7+5=12", "Answer: 12"]) == [True, False]  # early answer
+    assert A.local_step_labels(p, []) == []
+
+
+def test_running_and_of_local_labels_is_the_prefix_label():
+    from itscale.zoo.slips import training_solution
+
+    rng = np.random.default_rng(0)
+    problems = A.problems(400, seed=11)
+    policy_like = [["7+5=12", "12*3=36", "oops", "Answer: 3"], ["Answer: 32"], ["7+5=12\n", "12*3=36\n"]]
+    cases = [(p, training_solution(p, rng)) for p in problems]
+    cases += [(A.make_problem(7, [("+", 5), ("*", 3), ("-", 4)], "x"), s) for s in policy_like]
+    wrong_lines = 0
+    for p, steps in cases:
+        running, ok = [], True
+        for label in A.local_step_labels(p, steps):
+            ok = ok and bool(label)
+            running.append(ok)
+        assert running == A.step_labels(p, steps), (p.prompt, steps)
+        wrong_lines += A.local_step_labels(p, steps).count(False)
+    assert wrong_lines > 300  # the synthetic solutions do carry slips
+
+
 def test_is_correct_grades_the_last_answer_line_only():
     p = A.make_problem(7, [("+", 5), ("*", 3), ("-", 4)], "x")
     assert A.is_correct(p, "Answer: 32")

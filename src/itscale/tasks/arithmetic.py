@@ -125,6 +125,39 @@ def step_labels(problem: Problem, steps: Sequence[str]) -> list[bool]:
     return labels
 
 
+def local_step_labels(problem: Problem, steps: Sequence[str]) -> list[bool | None]:
+    """Local labels: step i is correct iff it is the right next line *given the lines shown*.
+
+    An operation line must be ``{prev}{op_i}{x_i}={prev op_i x_i}`` where ``prev`` is the
+    result written on the previous line (the start value for the first line) and
+    ``(op_i, x_i)`` the i-th operation of the prompt; the line after the last operation
+    must be ``Answer: {prev}``; nothing may follow it. A line after a malformed one has
+    no defined ``prev`` and gets ``None``. A line computed correctly from a slipped
+    value is locally correct, so the running AND of these labels is exactly
+    :func:`step_labels` (the prefix labels): the first wrong line makes every later
+    prefix wrong.
+    """
+    start, ops = parse_prompt(problem.prompt)
+    prev: int | None = start
+    out: list[bool | None] = []
+    for i, step in enumerate(steps):
+        s = step.strip()
+        if i > len(ops):
+            out.append(False)
+            continue
+        if prev is None:
+            out.append(None)
+            continue
+        if i == len(ops):
+            out.append(s == f"{ANSWER_PREFIX}{prev}")
+            continue
+        op, x = ops[i]
+        out.append(s == f"{prev}{op}{x}={apply(prev, op, x)}")
+        m = _OP.match(s)
+        prev = int(m.group(4)) if m else None
+    return out
+
+
 def extract_answer(text: str) -> str | None:
     """The value on the last ``Answer:`` line, or None."""
     for line in reversed(text.strip().split(DELIMITER)):

@@ -3,7 +3,13 @@
 * greedy accuracy of the policy per difficulty level;
 * coverage pass@k (unbiased estimator over n samples per problem, temperature 0.8);
 * PRM step-level AUROC on the policy's own sampled steps (held-out problems),
-  labels from ``arithmetic.step_labels``.
+  labels from ``arithmetic.step_labels``, and best-of-n by the PRM against a random
+  sample of the same n;
+* the PRM's slip test: the reference solution against the same solution with one
+  line's result slipped (later lines computed on from the slipped value), per slip
+  kind of :data:`itscale.zoo.slips.SLIP_KINDS`; a pair counts when the reference
+  scores strictly higher, by the last tag's score (what the methods use by default)
+  and by the lowest step score.
 """
 
 from __future__ import annotations
@@ -23,12 +29,13 @@ class Report:
     greedy: dict = field(default_factory=dict)  # level -> {accuracy, n, ci95, well_formed}
     coverage: dict = field(default_factory=dict)  # level -> {k, n, problems, pass_at_1, pass_at_k, ...}
     prm: dict = field(default_factory=dict)  # level -> {auroc, steps, positives, ...}
+    slips: dict = field(default_factory=dict)  # level -> {kind -> {pairs, last, min}, "overall" -> ...}
     timings: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return {"greedy": self.greedy, "coverage": self.coverage, "prm": self.prm, "timings": self.timings,
-                "settings": self.settings}
+        return {"greedy": self.greedy, "coverage": self.coverage, "prm": self.prm, "slips": self.slips,
+                "timings": self.timings, "settings": self.settings}
 
     def lines(self) -> list[str]:
         out = ["policy greedy accuracy (shipped held-out sets):"]
@@ -43,8 +50,13 @@ class Report:
         for level, r in self.prm.items():
             out.append(f"PRM step AUROC ({level}, policy samples T={r['temperature']}, {r['problems']} problems x "
                        f"{r['samples']}): {r['auroc']:.4f}  ({r['steps']} steps, {r['wrong_steps']} wrong)")
-            out.append(f"  PRM best-of-{r['samples']} (min-step score) accuracy {r['best_of_n_min']:6.1%}   "
-                       f"(last-step {r['best_of_n_last']:6.1%}, random sample {r['random_sample']:6.1%})")
+            out.append(f"  PRM best-of-{r['samples']} (last-step score) accuracy {r['best_of_n_last']:6.1%}   "
+                       f"(min-step {r['best_of_n_min']:6.1%}, random sample {r['random_sample']:6.1%}; "
+                       f"{r['best_of_n_ratio']:.2f}x)")
+        for level, kinds in self.slips.items():
+            out.append(f"PRM slip test ({level}): reference scored above its one-slip twin (last tag / min step)")
+            for kind, r in kinds.items():
+                out.append(f"  {kind:<15} {r['last']:6.1%} / {r['min']:6.1%}   ({r['pairs']} pairs)")
         out.append("timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.timings.items()))
         return out
 
@@ -59,7 +71,8 @@ def load(path):
 def evaluate(policy_dir, prm_dir=None, levels: Sequence[str] = tuple(arithmetic.LEVELS), n_greedy: int = 500,
              coverage_levels: Sequence[str] | None = None, coverage_problems: int = 200, n: int = 64, k: int = 64,
              temperature: float = 0.8, prm_levels: Sequence[str] | None = None, prm_problems: int = 200,
-             prm_samples: int = 8, seed: int = 0, batch_size: int = 256, threads: int = 2, log=print) -> Report:
+             prm_samples: int = 8, slip_levels: Sequence[str] | None = None, slip_problems: int = 500,
+             seed: int = 0, batch_size: int = 256, threads: int = 2, log=print) -> Report:
     import torch
     from collections import Counter
 
@@ -67,12 +80,13 @@ def evaluate(policy_dir, prm_dir=None, levels: Sequence[str] = tuple(arithmetic.
     from .sampling import prm_scores, solve, split_steps
 
     coverage_levels = [DEFAULT_LEVEL] if coverage_levels is None else list(coverage_levels)
-    prm_levels = [DEFAULT_LEVEL] if prm_levels is None else list(prm_levels)
+    prm_levels = list(arithmetic.LEVELS) if prm_levels is None else list(prm_levels)
+    slip_levels = list(arithmetic.LEVELS) if slip_levels is None else list(slip_levels)
     torch.set_num_threads(threads)
     rep = Report(settings=dict(levels=list(levels), n_greedy=n_greedy, coverage_levels=list(coverage_levels),
                                coverage_problems=coverage_problems, n=n, k=k, temperature=temperature,
                                prm_levels=list(prm_levels), prm_problems=prm_problems, prm_samples=prm_samples,
-                               seed=seed))
+                               slip_levels=list(slip_levels), slip_problems=slip_problems, seed=seed))
     tok, policy = load(policy_dir)
     t0 = time.time()
     for level in levels:
@@ -138,7 +152,39 @@ def evaluate(policy_dir, prm_dir=None, levels: Sequence[str] = tuple(arithmetic.
             rep.prm[level] = {"auroc": auroc(flat_l, flat_s), "temperature": temperature, "problems": len(probs),
                               "samples": prm_samples, "steps": len(flat_l), "wrong_steps": len(flat_l) - sum(flat_l),
                               "best_of_n_min": acc_of(best_min), "best_of_n_last": acc_of(best_last),
-                              "random_sample": acc_of(rand)}
+                              "random_sample": acc_of(rand),
+                              "best_of_n_ratio": acc_of(best_last) / max(acc_of(rand), 1e-9)}
             log(f"PRM {level}: AUROC {rep.prm[level]['auroc']:.4f}")
         rep.timings["prm"] = time.time() - t0
+        t0 = time.time()
+        for level in slip_levels:
+            rep.slips[level] = slip_test(prm, ptok, arithmetic.eval_set(level)[:slip_problems],
+                                         seed=seed, batch_size=batch_size)
+            log(f"slip test {level}: {rep.slips[level]['overall']['last']:.1%}")
+        rep.timings["slips"] = time.time() - t0
     return rep
+
+
+def slip_test(prm, tokenizer, problems, seed: int = 0, batch_size: int = 256) -> dict:
+    """Per slip kind: how often the reference solution scores strictly above the same
+    solution with one line's result slipped (line drawn uniformly among those the kind
+    applies to; later lines computed on from the slipped value), by the last tag's score
+    and by the lowest step score. ``overall`` pools every kind's pairs."""
+    from .sampling import prm_scores, split_steps
+    from .slips import SLIP_KINDS, slipped_solution
+
+    out, pooled = {}, {"last": [], "min": []}
+    for i, kind in enumerate(SLIP_KINDS):
+        rng = np.random.default_rng([seed, i])
+        pairs = [(p, split_steps(arithmetic.solution_text(p)), s[0]) for p in problems
+                 if (s := slipped_solution(p, kind, rng)) is not None]
+        scores = prm_scores(prm, tokenizer, [(p, r) for p, r, _ in pairs] + [(p, s) for p, _, s in pairs],
+                            batch_size=batch_size)
+        n = len(pairs)
+        wins = {"last": [scores[j][-1] > scores[n + j][-1] for j in range(n)],
+                "min": [min(scores[j]) > min(scores[n + j]) for j in range(n)]}
+        out[kind] = {"pairs": n, **{k: float(np.mean(v)) if n else float("nan") for k, v in wins.items()}}
+        for k, v in wins.items():
+            pooled[k] += v
+    out["overall"] = {"pairs": len(pooled["last"]), **{k: float(np.mean(v)) for k, v in pooled.items()}}
+    return out

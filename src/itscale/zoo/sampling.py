@@ -155,7 +155,8 @@ def prm_scores(model, tokenizer, items: Sequence[tuple[Problem, Sequence[str]]],
         chunk = order[b:b + batch_size]
         ids, mask = left_pad([encoded[i][0] for i in chunk], tokenizer.pad_token_id)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                       position_ids=pos.to(model.device)).logits.cpu()
         pair = logits.float()[..., [good, bad]]
         p_good = torch.softmax(pair, dim=-1)[..., 0]
         width = ids.shape[1]
