@@ -25,7 +25,7 @@ def _zoo_train_policy(ns: argparse.Namespace) -> int:
     args = PolicyArgs(seed=ns.seed, steps=ns.steps, batch_size=ns.batch_size, lr=ns.lr,
                       warmup_steps=ns.warmup_steps, min_ops=ns.min_ops, max_ops=ns.max_ops,
                       bf16_autocast=not ns.fp32, threads=ns.threads, device=ns.device,
-                      checkpoint_every=ns.checkpoint_every)
+                      checkpoint_every=ns.checkpoint_every, stop_at=ns.stop_at)
     if ns.hidden_size:
         args.arch.hidden_size = ns.hidden_size
     if ns.layers:
@@ -49,7 +49,7 @@ def _zoo_train_prm(ns: argparse.Namespace) -> int:
                    lm_weight=ns.lm_weight, steps=ns.steps, batch_size=ns.batch_size, lr=ns.lr,
                    warmup_steps=ns.warmup_steps, init_from_policy=not ns.from_scratch, bf16_autocast=not ns.fp32,
                    threads=ns.threads, device=ns.device, checkpoint_every=ns.checkpoint_every,
-                   val_problems=ns.val_problems)
+                   val_problems=ns.val_problems, stop_at=ns.stop_at)
     policy = Path(ns.policy) if ns.policy else zoo.policy_path()
     out = Path(ns.out) if ns.out else zoo.prm_path()
     try:
@@ -94,6 +94,9 @@ def add_zoo_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--checkpoint-dir", default=f"itscale-zoo-checkpoints/{name}",
                        help="where the resumable state goes (default: %(default)s)")
         p.add_argument("--checkpoint-every", type=int, default=checkpoint_every, help="steps between checkpoints")
+        p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                       help="end the run after STEP (saving the model); the learning-rate schedule still "
+                            "spans --steps, so a later --resume without it continues the same run")
         p.add_argument("--resume", action="store_true",
                        help="continue the run in --checkpoint-dir (same settings) instead of starting over")
 

@@ -57,3 +57,25 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     # the untrained start differs: training did change the weights
     start = load_file(zoo.policy_path() / "model.safetensors")
     assert not all(torch.equal(a[k], start[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_stop_at_ends_a_run_early_and_resume_finishes_the_same_run(tmp_path):
+    quiet = open("/dev/null", "w")
+    whole = training.train_prm(zoo.policy_path(), tmp_path / "whole", PRMArgs(**TINY), log_file=quiet)
+    stopped = training.train_prm(zoo.policy_path(), tmp_path / "stopped", PRMArgs(**TINY, stop_at=2), log_file=quiet,
+                                 checkpoint_dir=tmp_path / "ckpt")
+    assert len(stopped["history"]) == 2 and stopped["data"]["training_sequences"] == 8
+    # the schedule spans all 4 steps: the stopped run's lr is the whole run's, step for step
+    assert [h["lr"] for h in stopped["history"]] == [h["lr"] for h in whole["history"][:2]]
+    with pytest.raises(training.TrainingSetupError, match="--stop-at 0"):
+        training.train_prm(zoo.policy_path(), tmp_path / "x", PRMArgs(**TINY, stop_at=0), log_file=quiet)
+    finished = training.train_prm(zoo.policy_path(), tmp_path / "finished", PRMArgs(**TINY), log_file=quiet,
+                                  checkpoint_dir=tmp_path / "ckpt", resume=True)
+    assert finished["resumed"] == [{"step": 2, "stop_at": [2, None]}]
+
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "finished"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], v) for k, v in load_file(tmp_path / "stopped" / "model.safetensors").items())

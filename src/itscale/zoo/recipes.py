@@ -10,8 +10,11 @@ from dataclasses import dataclass, field
 
 from .tokenizer import MODEL_MAX_LENGTH
 
-#: Settings that may change between a run and its resumption (they do not change the result).
-RESUMABLE_CHANGES = frozenset({"threads", "log_every", "device", "checkpoint_every"})
+#: Settings that may change between a run and its resumption. All but ``steps`` leave the
+#: result unchanged; a new ``steps`` stops a run early or extends it (the cosine schedule
+#: follows the new total from the resumed step on, and the change is recorded). ``stop_at``
+#: ends a run after that step with the schedule still laid out over ``steps``.
+RESUMABLE_CHANGES = frozenset({"threads", "log_every", "device", "checkpoint_every", "steps", "stop_at"})
 
 
 @dataclass
@@ -45,6 +48,7 @@ class PolicyArgs:
     device: str = "auto"
     log_every: int = 25
     checkpoint_every: int = 50
+    stop_at: int | None = None  # end after this step; the lr schedule still spans ``steps``
     arch: Architecture = field(default_factory=Architecture)
 
 
@@ -82,4 +86,5 @@ class PRMArgs:
     device: str = "auto"
     log_every: int = 50
     checkpoint_every: int = 500  # also: how often the validation numbers are measured
+    stop_at: int | None = None  # end after this step; the lr schedule still spans ``steps``
     val_problems: int = 200  # fresh problems (never trained on) for the validation numbers

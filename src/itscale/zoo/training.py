@@ -241,6 +241,13 @@ class Checkpoint:
         os.replace(tmp, self.path)
 
 
+def last_step(steps: int, stop_at: int | None) -> int:
+    """The step a run ends after: ``steps``, or ``stop_at`` when that comes first."""
+    if stop_at is not None and stop_at < 1:
+        raise TrainingSetupError(f"--stop-at {stop_at}: give a step of 1 or more (or leave it out)")
+    return min(steps, stop_at) if stop_at is not None else steps
+
+
 def _start_or_resume(checkpoint: Checkpoint | None, resume: bool, model, log) -> dict:
     """The saved state to continue from (weights loaded into ``model``), or {} for a new run."""
     if checkpoint is None:
@@ -256,8 +263,16 @@ def _start_or_resume(checkpoint: Checkpoint | None, resume: bool, model, log) ->
         raise TrainingSetupError(f"{checkpoint.path} holds a run at step {state['step']} of "
                                  f"{state['args'].get('steps')}; pass --resume to continue it, or remove "
                                  f"{checkpoint.folder} to start over")
+    end = last_step(checkpoint.args["steps"], checkpoint.args.get("stop_at"))
+    if state["step"] > end:
+        raise TrainingSetupError(f"--steps/--stop-at {end}: {checkpoint.path} is already at step "
+                                 f"{state['step']}; pass {state['step']} or more")
     model.load_state_dict(state["model"])
-    log(f"resuming from {checkpoint.path} at step {state['step']}")
+    saved = state["args"]
+    changed = {k: [saved.get(k), checkpoint.args.get(k)] for k in sorted(RESUMABLE_CHANGES)
+               if saved.get(k) != checkpoint.args.get(k)}
+    state["changed_on_resume"] = state.get("changed_on_resume", []) + [{"step": state["step"], **changed}]
+    log(f"resuming from {checkpoint.path} at step {state['step']}" + (f"; changed: {changed}" if changed else ""))
     return state
 
 
@@ -286,7 +301,8 @@ def train_loop(model, args, next_batch: Callable[[int], Batch], loss_fn: LossFn,
     history: list[dict] = list(state.get("history", []))
     t0, window = time.time() - state.get("train_s", 0.0), []
     model.train()
-    for step in range(state.get("step", 0), args.steps):
+    end = last_step(args.steps, args.stop_at)
+    for step in range(state.get("step", 0), end):
         scale = lr_at(step, args.steps, args.warmup_steps, args.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = args.lr * scale
@@ -302,7 +318,7 @@ def train_loop(model, args, next_batch: Callable[[int], Batch], loss_fn: LossFn,
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         window.append(numbers)
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.log_every == 0 or step + 1 == end:
             row = {"step": step + 1, **{k: float(np.mean([w[k] for w in window])) for k in window[0]},
                    "lr": args.lr * scale, "grad_norm": float(gnorm), "elapsed_s": round(time.time() - t0, 1)}
             history.append(row)
@@ -343,6 +359,7 @@ def _policy_loss(logits, targets):
 def train_policy(out: Path, args: PolicyArgs, log_file=None, checkpoint_dir: Path | None = None,
                  resume: bool = False) -> dict:
     log = (lambda m: _log(log_file or sys.stdout, m))
+    last_step(args.steps, args.stop_at)  # a bad --stop-at fails before any work
     _seed_everything(args.seed, args.threads)
     device = resolve_device(args.device)
     start = time.time()
@@ -382,7 +399,7 @@ def train_policy(out: Path, args: PolicyArgs, log_file=None, checkpoint_dir: Pat
             log(f"checkpoint at step {step} saved to {checkpoint.path}")
 
     history = train_loop(model, args, next_batch, _policy_loss, log, device, state, on_checkpoint)
-    result = info(args.steps) | {"history": history}
+    result = info(last_step(args.steps, args.stop_at)) | {"history": history, "resumed": state.get("changed_on_resume", [])}
     save_folder(model, tokenizer, out, result)
     log(f"saved policy to {out} after {result['wall_time_s']} s")
     return result
@@ -528,6 +545,7 @@ def train_prm(policy_dir: Path, out: Path, args: PRMArgs, log_file=None, init_di
     from .slips import training_solution
 
     log = (lambda m: _log(log_file or sys.stdout, m))
+    last_step(args.steps, args.stop_at)  # a bad --stop-at fails before any work
     _seed_everything(args.seed, args.threads)
     device = resolve_device(args.device)
     start = time.time()
@@ -615,6 +633,7 @@ def train_prm(policy_dir: Path, out: Path, args: PRMArgs, log_file=None, init_di
         log(json.dumps(val_history[-1]))
         if checkpoint is not None:
             checkpoint.save(step, model, opt, history=history, val_history=val_history,
+                            changed_on_resume=state.get("changed_on_resume", []),
                             wall_time_s=earlier_s + time.time() - start,
                             train_s=earlier_train_s + time.time() - t_train)
             log(f"checkpoint at step {step} saved to {checkpoint.path}")
@@ -647,13 +666,14 @@ def train_prm(policy_dir: Path, out: Path, args: PRMArgs, log_file=None, init_di
                  "policy_samples": len(samples), "policy_sample_steps_correct": sum(labels),
                  "policy_sample_steps_wrong": len(labels) - sum(labels),
                  "synthetic": "itscale.zoo.slips.training_solution (fresh problems per batch)",
-                 "training_sequences": args.steps * args.batch_size,
+                 "training_sequences": last_step(args.steps, args.stop_at) * args.batch_size,
                  "validation": {"problems": len(val_problems), "policy_samples": len(validation.samples)}},
         "validation": final,
         "sampling_wall_time_s": round(sample_s, 1),
         "training_wall_time_s": round(earlier_train_s + time.time() - t_train, 1),
         "wall_time_s": round(earlier_s + time.time() - start, 1), "environment": environment(device),
         "history": history, "val_history": val_history,
+        "resumed": state.get("changed_on_resume", []),
     }
     save_folder(model, tokenizer, out, result)
     log(f"saved PRM to {out} after {result['wall_time_s']} s")
