@@ -60,6 +60,14 @@ def test_cli_wires_the_zoo_commands():
         parser.parse_args(["zoo"])
 
 
+def test_a_bad_stop_at_is_refused_before_any_work(tmp_path, capsys):
+    ns = build_parser().parse_args(["zoo", "train-prm", "--stop-at", "0", "--out", str(tmp_path / "prm"),
+                                    "--checkpoint-dir", str(tmp_path / "ckpt")])
+    assert ns.func(ns) == 2
+    assert "--stop-at 0: give a step of 1 or more" in capsys.readouterr().err
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "prm").exists()
+
+
 def _wrong_results(steps):
     """Indices of operation lines whose written result is not their own a op x."""
     from itscale.tasks import arithmetic

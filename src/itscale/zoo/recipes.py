@@ -31,13 +31,12 @@ class Architecture:
 
 
 @dataclass
-class PolicyArgs:
-    seed: int = 1234
-    steps: int = 750
+class RunArgs:
+    """What every training run shares: the optimizer, the schedule's shape, the task's size, the machine."""
+
     batch_size: int = 64
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 60
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     betas: tuple[float, float] = (0.9, 0.98)
@@ -46,14 +45,21 @@ class PolicyArgs:
     bf16_autocast: bool = True
     threads: int = 2
     device: str = "auto"
+    stop_at: int | None = None  # end after this step; the lr schedule still spans ``steps``
+
+
+@dataclass
+class PolicyArgs(RunArgs):
+    seed: int = 1234
+    steps: int = 750
+    warmup_steps: int = 60
     log_every: int = 25
     checkpoint_every: int = 50
-    stop_at: int | None = None  # end after this step; the lr schedule still spans ``steps``
     arch: Architecture = field(default_factory=Architecture)
 
 
 @dataclass
-class PRMArgs:
+class PRMArgs(RunArgs):
     seed: int = 4321
     # the policy's own solutions, sampled once (kept in the checkpoint folder)
     n_problems: int = 3000
@@ -71,20 +77,8 @@ class PRMArgs:
     digit_weight: float = 1.0
     lm_weight: float = 0.5
     steps: int = 8000
-    batch_size: int = 64
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
     warmup_steps: int = 100
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    betas: tuple[float, float] = (0.9, 0.98)
-    min_ops: int = 2
-    max_ops: int = 6
     init_from_policy: bool = True
-    bf16_autocast: bool = True
-    threads: int = 2
-    device: str = "auto"
     log_every: int = 50
     checkpoint_every: int = 500  # also: how often the validation numbers are measured
-    stop_at: int | None = None  # end after this step; the lr schedule still spans ``steps``
     val_problems: int = 200  # fresh problems (never trained on) for the validation numbers
