@@ -532,6 +532,23 @@ class PRMValidation:
         return out | {f"slip_{kind}": r["last"] for kind, r in slips.items()}
 
 
+def lift_items(validation: PRMValidation) -> list[tuple[Problem, list[str]]]:
+    """The solutions whose tags set :func:`itscale.zoo.tag_lift.lift_tag_tokens`: the validation
+    problems' policy samples and their reference solutions (fresh problems, never trained on)."""
+    refs = [(p, arithmetic.reference_steps(*arithmetic.parse_prompt(p.prompt))) for p in validation.problems]
+    return list(validation.samples) + refs
+
+
+def validation_set(policy, tokenizer, args: PRMArgs) -> tuple[PRMValidation, set[str]]:
+    """The run's validation problems ([seed, 1] stream, held-out prompts excluded) with
+    their policy samples, and the prompts training must not see."""
+    difficulty = arithmetic.Difficulty(min_ops=args.min_ops, max_ops=args.max_ops)
+    held_out = eval_prompts()
+    problems = list(_take(problem_stream([args.seed, 1], difficulty, held_out), args.val_problems))
+    validation = PRMValidation.build(policy, tokenizer, problems, seed=args.seed + 1)
+    return validation, held_out | {p.prompt for p in problems}
+
+
 def train_prm(policy_dir: Path, out: Path, args: PRMArgs, log_file=None, init_dir: Path | None = None,
               checkpoint_dir: Path | None = None, resume: bool = False) -> dict:
     """Sample ``policy_dir``, then train the PRM starting from ``init_dir`` (default: the policy itself).
@@ -567,9 +584,8 @@ def train_prm(policy_dir: Path, out: Path, args: PRMArgs, log_file=None, init_di
 
     difficulty = arithmetic.Difficulty(min_ops=args.min_ops, max_ops=args.max_ops)
     excluded: dict = {}
-    held_out = eval_prompts()
-    val_problems = list(_take(problem_stream([args.seed, 1], difficulty, held_out), args.val_problems))
-    held_out |= {p.prompt for p in val_problems}  # never train on a validation problem
+    validation, held_out = validation_set(policy, tokenizer, args)  # never train on a validation problem
+    val_problems = validation.problems
     train_problems = list(_take(problem_stream([args.seed, 0], difficulty, held_out, excluded), args.n_problems))
 
     samples_path = Path(checkpoint_dir) / "policy_samples.jsonl" if checkpoint_dir is not None else None
@@ -585,7 +601,6 @@ def train_prm(policy_dir: Path, out: Path, args: PRMArgs, log_file=None, init_di
             save_samples(samples_path, samples)
         log(f"sampled {len(samples)} distinct solutions of {len(train_problems)} problems "
             f"in {time.time() - t_sample:.0f} s")
-    validation = PRMValidation.build(policy, tokenizer, val_problems, seed=args.seed + 1)
     sample_s = time.time() - t_sample
     del policy
 
@@ -641,6 +656,10 @@ def train_prm(policy_dir: Path, out: Path, args: PRMArgs, log_file=None, init_di
     model.to(device)
     history = train_loop(model, args, next_batch, loss_fn, log, device, state, on_checkpoint)
     model.to("cpu")
+    from .tag_lift import lift_tag_tokens
+
+    tag_lift = lift_tag_tokens(model, tokenizer, lift_items(validation))  # scores unchanged (see tag_lift)
+    log(f"tag tokens lifted: {json.dumps(tag_lift)}")
     final = validation.measure(model, tokenizer)
     log(json.dumps({"final": final}))
     labels = [x for p, s in samples for x in arithmetic.step_labels(p, s)]
@@ -674,6 +693,7 @@ def train_prm(policy_dir: Path, out: Path, args: PRMArgs, log_file=None, init_di
         "wall_time_s": round(earlier_s + time.time() - start, 1), "environment": environment(device),
         "history": history, "val_history": val_history,
         "resumed": state.get("changed_on_resume", []),
+        "tag_lift": tag_lift,
     }
     save_folder(model, tokenizer, out, result)
     log(f"saved PRM to {out} after {result['wall_time_s']} s")
