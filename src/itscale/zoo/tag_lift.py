@@ -47,12 +47,14 @@ def _tag_states(model, tokenizer, items: Sequence[tuple[Problem, Sequence[str]]]
 
 
 @torch.no_grad()
-def lift_tag_tokens(model, tokenizer, items: Sequence[tuple[Problem, Sequence[str]]], margin: float = 8.0) -> dict:
+def lift_tag_tokens(model, tokenizer, items: Sequence[tuple[Problem, Sequence[str]]], margin: float = 8.0,
+                    strict: bool = True) -> dict:
     """Add α·μ/‖μ‖ to the output rows of the good and bad tokens (see the module docstring).
 
     Changes ``model`` in place and returns what it did and measured: α, the tags used and,
     before and after, the smallest margin of the weaker of the two tokens over the best
-    other token (after > ``margin`` at every tag, or ValueError).
+    other token. If some tag stays below ``margin`` − 1: ValueError, or with ``strict=False``
+    the lift is applied anyway (scores are unchanged either way) and ``short`` says so.
     """
     model.eval()
     _, good, bad = tag_ids(tokenizer)
@@ -78,9 +80,10 @@ def lift_tag_tokens(model, tokenizer, items: Sequence[tuple[Problem, Sequence[st
             opt.step(objective)
     lift = v.detach()
     after = gap + (H @ lift).float()
-    if float(after.min()) < margin - 1:
+    short = float(after.min()) < margin - 1
+    if short and strict:
         raise ValueError(f"lifting left a margin of {float(after.min()):.2f} < {margin - 1} at some tag")
     weight[good] += lift.to(weight.dtype)
     weight[bad] += lift.to(weight.dtype)
-    return {"norm": round(float(lift.norm()), 4), "tags": int(h.shape[0]), "margin": margin,
+    return {"short": short, "norm": round(float(lift.norm()), 4), "tags": int(h.shape[0]), "margin": margin,
             "min_gap_before": round(float(gap.min()), 3), "min_gap_after": round(float(after.min()), 3)}

@@ -658,8 +658,10 @@ def train_prm(policy_dir: Path, out: Path, args: PRMArgs, log_file=None, init_di
     model.to("cpu")
     from .tag_lift import lift_tag_tokens
 
-    tag_lift = lift_tag_tokens(model, tokenizer, lift_items(validation))  # scores unchanged (see tag_lift)
-    log(f"tag tokens lifted: {json.dumps(tag_lift)}")
+    # scores unchanged (see tag_lift); a lift that falls short is recorded, not fatal after hours of training
+    tag_lift = lift_tag_tokens(model, tokenizer, lift_items(validation), strict=False)
+    log(("WARNING: tag tokens not lifted to the margin everywhere (a server's top-k may miss them): "
+         if tag_lift["short"] else "tag tokens lifted: ") + json.dumps(tag_lift))
     final = validation.measure(model, tokenizer)
     log(json.dumps({"final": final}))
     labels = [x for p, s in samples for x in arithmetic.step_labels(p, s)]
