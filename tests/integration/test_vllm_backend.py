@@ -274,7 +274,10 @@ def test_particle_filtering_with_block_aligned_look_ahead(policy_url, prm_url):
     before = prefilled_tokens(policy_url)
     run_pf(policy(policy_url), prm(prm_url), problems, budget=8)
     plain = prefilled_tokens(policy_url) - before
-    assert ahead < plain / 2, (ahead, plain)
+    # Measured with the issue-14 PRM: ahead / plain 0.49, 0.52, 0.55, 0.58 over four runs (unseeded
+    # sampling); below 0.5 with the PRM before it. This PRM resamples harder, and each copy a
+    # resampling makes starts a fresh continuation mid-block. Without look-ahead the ratio is ~1.
+    assert ahead < 0.7 * plain, (ahead, plain)
 
 
 # -- faults -----------------------------------------------------------------------------------
