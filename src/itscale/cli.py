@@ -205,7 +205,7 @@ def _bench_overrides(ns: argparse.Namespace) -> dict:
     over: dict = {}
     if ns.output:
         over["output"] = ns.output
-    if ns.limit:
+    if ns.limit is not None:  # 0 and negatives go to the config's validation, which names the field
         over.setdefault("problems", {})["limit"] = ns.limit
     if ns.problems:
         over.setdefault("problems", {})["source"] = ns.problems
@@ -213,7 +213,7 @@ def _bench_overrides(ns: argparse.Namespace) -> dict:
         over["budgets"] = ns.budgets
     if ns.seeds:
         over["seeds"] = ns.seeds
-    if ns.concurrency:
+    if ns.concurrency is not None:
         over["concurrency"] = ns.concurrency
     if ns.policy:
         over.setdefault("policy", {})["model"] = ns.policy
@@ -256,9 +256,15 @@ def _run_bench(config, title: str) -> int:
 
 
 def _demo(ns: argparse.Namespace) -> int:
+    from .bench.config import ConfigError
     from .bench.demo import demo_config
 
-    config = demo_config(output=ns.output, problems=ns.problems, policy=ns.policy, prm=ns.prm)
+    try:
+        config = demo_config(output=ns.output, problems=ns.problems, policy=ns.policy, prm=ns.prm)
+    except ConfigError as err:
+        print(f"itscale demo: invalid options (--problems sets problems.limit, --output sets output)\n{err}",
+              file=sys.stderr)
+        return 2
     return _run_bench(config, "itscale demo")
 
 

@@ -49,4 +49,5 @@ def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
     d = 1 + z * z / n
     c = (p + z * z / (2 * n)) / d
     h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (c - h, c + h)
+    # exact bounds are 0 at p = 0 and 1 at p = 1; rounding can land just outside ("-0.0")
+    return (max(0.0, c - h), min(1.0, c + h))

@@ -146,6 +146,13 @@ class BenchConfig(_Strict):
             raise ValueError(f"budgets must be positive integers, got {values}")
         return values
 
+    @field_validator("output")
+    @classmethod
+    def _a_folder(cls, value: str) -> str:
+        if Path(value).exists() and not Path(value).is_dir():
+            raise ValueError(f"{value!r} is a file; name a folder (it is created if missing)")
+        return value
+
     @field_validator("format")
     @classmethod
     def _known_format(cls, value):

@@ -1,0 +1,56 @@
+"""Bad command-line values end in a one-line error naming the field, never silently ignored
+and never a traceback (the real ``itscale`` entry point in a subprocess)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from itscale.bench.table import format_accuracy
+from itscale.stats import wilson
+
+
+def itscale(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "itscale.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "bench.yaml"
+    path.write_text("problems: {source: 'arithmetic:easy', limit: 2}\nmethods: [{name: greedy}]\n"
+                    f"output: {tmp_path / 'out'}\n")
+    return path
+
+
+@pytest.mark.parametrize("option, field", [("--limit", "problems.limit"), ("--concurrency", "concurrency")])
+def test_a_zero_on_the_command_line_is_refused_like_in_the_file(config, tmp_path, option, field):
+    done = itscale("bench", str(config), option, "0", cwd=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert field in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_demo_with_no_problems_is_refused_without_a_traceback(tmp_path):
+    done = itscale("demo", "--problems", "0", "--output", str(tmp_path / "demo"), cwd=tmp_path)
+    assert done.returncode == 2
+    assert "problems.limit" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("n", [5, 10, 19, 23])  # sizes where the textbook formula rounds past 0 or 1
+def test_intervals_never_print_past_0_or_100_percent(n):
+    for p in (0.0, 1.0):
+        low, high = wilson(p, n)
+        assert 0.0 <= low <= p <= high <= 1.0
+    assert "-0.0" not in format_accuracy(type("Row", (), {"accuracy": 0.0, "ci_low": wilson(0.0, n)[0],
+                                                          "ci_high": wilson(0.0, n)[1]})())
+
+
+def test_an_output_that_is_a_file_is_refused_naming_the_field(config, tmp_path):
+    (tmp_path / "taken").write_text("not a folder")
+    done = itscale("bench", str(config), "--output", str(tmp_path / "taken"), cwd=tmp_path)
+    assert done.returncode == 2
+    assert "output" in done.stderr and "is a file" in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "taken").read_text() == "not a folder"
