@@ -1,7 +1,8 @@
-"""The ``itscale`` command line (design 2): ``itscale demo | bench | serve | solve | zoo ...``.
+"""The ``itscale`` command line (design 2): ``itscale demo | bench | serve | zoo ...``
+(also ``python -m itscale``; ``itscale --version``).
 
 Each command group registers itself with one ``add_*_parser`` function and runs
-through the ``func`` it sets, so new groups (demo, bench, serve, solve) plug in
+through the ``func`` it sets, so new groups plug in
 without touching the others. Heavy imports (torch, transformers) happen inside
 the command functions only.
 """
@@ -405,13 +406,16 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 
 # --------------------------------------------------------------------------- entry point
 
-#: One function per command group; later groups (demo, bench, serve, solve) append theirs.
+#: One function per command group; a new group appends its own.
 PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [add_zoo_parser, add_bench_parser,
                                                                 add_serve_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="itscale", description="Inference-time scaling for LLMs.")
+    parser.add_argument("--version", action="version", version=f"itscale {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in PARSERS:
         add(sub)

@@ -54,3 +54,14 @@ def test_an_output_that_is_a_file_is_refused_naming_the_field(config, tmp_path):
     assert done.returncode == 2
     assert "output" in done.stderr and "is a file" in done.stderr and "Traceback" not in done.stderr
     assert (tmp_path / "taken").read_text() == "not a folder"
+
+
+def test_the_cli_has_a_version_and_runs_as_a_module(tmp_path):
+    from itscale import __version__
+
+    done = subprocess.run([sys.executable, "-m", "itscale", "--version"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == f"itscale {__version__}"
+    usage = subprocess.run([sys.executable, "-m", "itscale", "--help"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=60).stdout
+    assert "solve" not in usage and "{zoo,bench,demo,serve}" in usage
