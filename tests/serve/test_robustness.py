@@ -150,8 +150,7 @@ def test_graceful_shutdown_finishes_short_requests_and_cancels_long_ones(doomed)
     response = long.join()
     assert response.status_code == 503 and response.json()["error"]["code"] == "shutting_down"
     assert 9.0 < time.monotonic() - t < 30
-    # uvicorn re-raises the signal once it has shut down cleanly
-    assert doomed.process.wait(timeout=30) in (0, -signal.SIGTERM)
+    assert doomed.process.wait(timeout=30) == 0  # a clean drain is a clean exit (not 143)
     log = doomed.log_text()
     assert "shutting down: finishing 2 request(s) in flight" in log
     assert "shutdown: cancelling 1 request(s) still running" in log and "Application shutdown complete" in log

@@ -5,7 +5,7 @@ open-server rule), loads the models, and only then listens, so ``/health`` answe
 200 as soon as the port is open. On SIGINT/SIGTERM uvicorn stops accepting
 connections and the app starts draining (``/health`` 503, new requests 503); the
 requests in flight get ``graceful_timeout`` seconds, then they are cancelled and
-answered 503 (see :mod:`~itscale.serve.app`).
+answered 503 (see :mod:`~itscale.serve.app`). A drained server exits with status 0.
 
 Open servers: with no key configured every request is accepted, which is allowed
 only on a loopback address unless ``allow_open`` is set (``--allow-open``).
@@ -77,6 +77,13 @@ def serve(config: ServeConfig, keys: KeyRing, *, log_level: str = "info", access
                 state.draining = True
                 if state.loop is not None:
                     state.loop.call_soon_threadsafe(state.drain)
+                super().handle_exit(sig, frame)
+                # uvicorn re-raises captured signals once it has stopped, so a clean drain would
+                # end with status 143; a drain is a clean exit (0). A second signal keeps uvicorn's way.
+                captured = getattr(self, "_captured_signals", None)
+                if isinstance(captured, list) and captured and captured[-1] == sig:
+                    captured.pop()
+                return
             super().handle_exit(sig, frame)
 
     uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level, access_log=access_log,
