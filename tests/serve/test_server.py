@@ -20,6 +20,16 @@ def test_models_lists_the_base_model(client):
     assert client.models.retrieve("tiny").id == "tiny"
 
 
+def test_models_reveal_no_path_or_host(client):
+    from itscale import zoo
+
+    listed = client.models.with_raw_response.list().text
+    one = client.models.with_raw_response.retrieve("tiny").text
+    for text in (listed, one):
+        assert str(zoo.policy_path()) not in text and "/" not in text
+    assert json.loads(one)["root"] == "tiny"
+
+
 def test_chat_completion_is_an_openai_response_with_the_itscale_block(client):
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROBLEM}], seed=3)
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == "tiny"

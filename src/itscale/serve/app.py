@@ -225,8 +225,10 @@ def create_app(engine: Engine, config: ServeConfig, keys: KeyRing, state: Server
                                                       engine.policy_calls, engine.backend_calls()))
 
     def model_card() -> dict[str, Any]:
+        # "root" is the served name, never the policy's folder or URL: key holders need not
+        # learn the server's file system or internal hosts
         return {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "itscale",
-                "root": engine.description.get("policy"), "parent": None}
+                "root": engine.model_name, "parent": None}
 
     @app.get("/v1/models")
     async def models(request: Request):
