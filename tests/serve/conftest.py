@@ -37,6 +37,7 @@ ALICE = "sk-test-alice-0123456789"
 SMALL = "sk-test-small-0123456789"
 SOLO = "sk-test-solo-01234567890"
 TIGHT = "sk-test-tight-0123456789"
+LOW = "sk-test-low-012345678901"
 PROBLEM = "Start at 3. Apply in order: +4, *2, -1."
 LONG_PROBLEM = "Start at 3. Apply in order: +4, *2, -1, +17, *3, -5."
 
@@ -45,6 +46,7 @@ KEY_FILE = f"""\
 {ALICE}  name=alice max_budget=64 max_tokens=256
 {SMALL}  name=small max_budget=4 max_tokens=32   # low limits
 {SOLO}   name=solo max_running=1 max_budget=1024
+{LOW}    name=low max_budget=2                   # below the main server's default budget (4)
 """
 
 

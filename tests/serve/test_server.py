@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from .conftest import ALICE, PROBLEM, SMALL, TIGHT, chat_body
+from .conftest import ALICE, LOW, PROBLEM, SMALL, TIGHT, chat_body
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("serve")]
 
@@ -249,6 +249,17 @@ def test_other_request_errors(server):
     assert r.status_code == 200
     assert r.json()["itscale"]["warnings"] == ["1 other message(s) ignored: the last user message is the problem",
                                                "ignored unknown field(s): frobnicate"]
+
+
+def test_a_key_limit_below_the_default_budget_is_said(server):
+    low = openai.OpenAI(base_url=server.url, api_key=LOW, max_retries=0)
+    r = low.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROBLEM}], seed=0)
+    block = r.model_extra["itscale"]
+    assert block["budget"] == 2
+    assert block["warnings"] == ["itscale.budget: the server's default budget 4 lowered to this API key's limit of 2"]
+    # within the limit nothing is said
+    r = low.chat.completions.create(model="tiny:pf-2", messages=[{"role": "user", "content": PROBLEM}], seed=0)
+    assert r.model_extra["itscale"]["warnings"] == []
 
 
 def test_limits_of_the_api_key(server):

@@ -80,6 +80,9 @@ def resolve(request: ChatRequest | CompletionRequest, *, job_id: str, config: Se
     budget = _pick(opts.budget if opts else None, suffix_budget, "itscale.budget", "budget")
     if budget is None:
         budget, budget_param = min(config.default_budget, limits.max_budget), "itscale.budget"
+        if budget < config.default_budget:
+            warnings.append(f"itscale.budget: the server's default budget {config.default_budget} lowered to "
+                            f"this API key's limit of {limits.max_budget}")
     if budget > limits.max_budget:
         raise invalid(f"{budget_param}: budget {budget} exceeds this API key's limit of {limits.max_budget}; "
                       "ask for a smaller budget", budget_param, "budget_exceeds_limit")
@@ -87,7 +90,7 @@ def resolve(request: ChatRequest | CompletionRequest, *, job_id: str, config: Se
     cls = STRATEGIES[method]
     if cls.needs_prm and not prm_enabled:
         raise invalid(f"{method_param}: {method} needs a reward model, and this server runs without one "
-                      "(--prm none); use greedy or self_consistency", method_param, "method_unavailable")
+                      "(--prm none); use greedy, self_consistency or adaptive_self_consistency", method_param, "method_unavailable")
     params = dict(opts.params) if opts else {}
     reserved = sorted(set(params) & set(_RESERVED_PARAMS))
     if reserved:
