@@ -65,3 +65,19 @@ def test_the_cli_has_a_version_and_runs_as_a_module(tmp_path):
     usage = subprocess.run([sys.executable, "-m", "itscale", "--help"], cwd=tmp_path, capture_output=True,
                            text=True, timeout=60).stdout
     assert "solve" not in usage and "{zoo,bench,demo,serve}" in usage
+
+
+@pytest.mark.parametrize("section, field", [("problems: {source: missing.jsonl}", "problems.source"),
+                                            ("policy: {model: no-such-folder}", "policy.model"),
+                                            ("prm: {model: no-such-folder}", "prm.model")])
+def test_missing_files_and_folders_are_named_by_their_field_before_any_output(tmp_path, section, field):
+    path = tmp_path / "bench.yaml"
+    path.write_text(f"{section}\nmethods: [{{name: greedy}}]\noutput: {tmp_path / 'out'}\n")
+    done = itscale("bench", str(path), cwd=tmp_path)
+    assert done.returncode == 2 and f"{field}: " in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_path_that_is_a_folder_is_called_a_folder(tmp_path):
+    done = itscale("bench", str(tmp_path), cwd=tmp_path)
+    assert done.returncode == 2 and "is a folder" in done.stderr

@@ -59,9 +59,30 @@ class ProblemsConfig(_Strict):
     limit: int | None = Field(None, ge=1, description="use the first LIMIT problems")
     on_bad_row: Literal["fail", "skip"] = Field("fail", description="what a malformed row does")
 
+    @field_validator("source")
+    @classmethod
+    def _a_source_that_exists(cls, value: str) -> str:
+        from .problems import BUNDLED_PREFIX, BUNDLED_SETS
+
+        if not value.startswith(BUNDLED_PREFIX) and not Path(value).is_file():
+            what = "is a folder, not a file" if Path(value).is_dir() else "does not exist"
+            raise ValueError(f"problem file {value!r} {what} (bundled sets: {', '.join(BUNDLED_SETS)})")
+        return value
+
 
 class _Backend(_Strict):
     """Where a model lives: 'embedded', a local Hugging Face folder, or an OpenAI-compatible URL."""
+
+    @field_validator("model", check_fields=False)
+    @classmethod
+    def _a_model_that_exists(cls, value: str) -> str:
+        """A folder is checked here, before any output is written; URLs are checked when called."""
+        if value.lower() in ("embedded", "none") or value.startswith(("http://", "https://")):
+            return value
+        if not Path(value).is_dir():
+            raise ValueError(f"{value!r} is not a folder; give 'embedded', a local Hugging Face folder or an "
+                             "http(s):// URL of an OpenAI-compatible server")
+        return value
 
     served_model: str | None = Field(None, description="model name on the server (default: the only one it serves)")
     tokenizer: str | None = Field(None, description="local folder with the tokenizer/chat template for an HTTP "
@@ -274,6 +295,8 @@ def validate_config(data: Any, source: str = "config") -> BenchConfig:
 def load_config(path: str | Path, overrides: dict | None = None) -> BenchConfig:
     """Read a ``.yaml``/``.yml`` or ``.toml`` file; ``overrides`` replace top-level sections."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give a .yaml, .yml or .toml file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     text = path.read_text()
