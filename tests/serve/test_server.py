@@ -251,6 +251,14 @@ def test_other_request_errors(server):
                                                "ignored unknown field(s): frobnicate"]
 
 
+def test_a_deeply_nested_body_is_a_400_not_a_server_error(server):
+    r = httpx.post(server.url + "/chat/completions", content="[" * 100_000,
+                   headers={"Authorization": f"Bearer {ALICE}", "Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert "nests" in r.json()["error"]["message"]
+    assert "RecursionError" not in server.log_text()
+
+
 def test_a_key_limit_below_the_default_budget_is_said(server):
     low = openai.OpenAI(base_url=server.url, api_key=LOW, max_retries=0)
     r = low.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROBLEM}], seed=0)

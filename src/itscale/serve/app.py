@@ -346,3 +346,5 @@ async def _read_json(request: Request) -> Any:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise invalid(f"the request body is not valid JSON: {err}") from None
+    except RecursionError:  # e.g. 100,000 nested "[": the parser's recursion limit, not a server fault
+        raise invalid("the request body nests arrays or objects too deeply to parse") from None
