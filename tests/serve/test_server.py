@@ -259,6 +259,23 @@ def test_a_deeply_nested_body_is_a_400_not_a_server_error(server):
     assert "RecursionError" not in server.log_text()
 
 
+def test_a_half_sent_body_is_cut_off_after_the_body_timeout(server):
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    where = urlsplit(server.root)
+    with socket.create_connection((where.hostname, where.port), timeout=40) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {ALICE}\r\nContent-Length: 200\r\n\r\n".encode() + b'{"model": "ti')
+        t = time.monotonic()
+        reply = sock.recv(4096).decode()
+        waited = time.monotonic() - t
+    assert reply.startswith("HTTP/1.1 408"), reply[:200]
+    assert "--body-timeout" in reply
+    assert 8 < waited < 30  # the server's default: 10 s
+
+
 def test_a_key_limit_below_the_default_budget_is_said(server):
     low = openai.OpenAI(base_url=server.url, api_key=LOW, max_retries=0)
     r = low.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROBLEM}], seed=0)

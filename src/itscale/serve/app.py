@@ -247,7 +247,7 @@ def create_app(engine: Engine, config: ServeConfig, keys: KeyRing, state: Server
         started = time.perf_counter()
         key = state.authenticate(request)
         try:
-            run = prepare(await _read_json(request), kind, key)
+            run = prepare(await _read_json(request, config.body_timeout), kind, key)
             task, ticket = state.start(run, key)
         except ApiError as err:
             state.metrics.count(outcome_of(err.status))
@@ -335,11 +335,14 @@ def create_app(engine: Engine, config: ServeConfig, keys: KeyRing, state: Server
     return app
 
 
-async def _read_json(request: Request) -> Any:
+async def _read_json(request: Request, timeout: float) -> Any:
     size = request.headers.get("content-length")
     if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
         raise ApiError(413, f"the request body has {size} bytes; the limit is {MAX_BODY_BYTES}")
-    raw = await request.body()
+    try:  # a client that sends half a body must not hold a connection and a worker for ever
+        raw = await asyncio.wait_for(request.body(), timeout)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s (--body-timeout)") from None
     if len(raw) > MAX_BODY_BYTES:
         raise ApiError(413, f"the request body has {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
     try:
