@@ -70,6 +70,10 @@ class ProblemsConfig(_Strict):
         return value
 
 
+def _is_url(model: str) -> bool:
+    return model.startswith(("http://", "https://"))
+
+
 class _Backend(_Strict):
     """Where a model lives: 'embedded', a local Hugging Face folder, or an OpenAI-compatible URL."""
 
@@ -77,7 +81,7 @@ class _Backend(_Strict):
     @classmethod
     def _a_model_that_exists(cls, value: str) -> str:
         """A folder is checked here, before any output is written; URLs are checked when called."""
-        if value.lower() in ("embedded", "none") or value.startswith(("http://", "https://")):
+        if value.lower() in ("embedded", "none") or _is_url(value):
             return value
         if not Path(value).is_dir():
             raise ValueError(f"{value!r} is not a folder; give 'embedded', a local Hugging Face folder or an "
@@ -90,7 +94,7 @@ class _Backend(_Strict):
 
     @property
     def is_http(self) -> bool:
-        return self.model.startswith(("http://", "https://"))
+        return _is_url(self.model)
 
 
 class PolicyConfig(_Backend):

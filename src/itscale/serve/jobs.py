@@ -89,8 +89,9 @@ def resolve(request: ChatRequest | CompletionRequest, *, job_id: str, config: Se
 
     cls = STRATEGIES[method]
     if cls.needs_prm and not prm_enabled:
+        free = ", ".join(sorted(name for name, c in STRATEGIES.items() if not c.needs_prm))
         raise invalid(f"{method_param}: {method} needs a reward model, and this server runs without one "
-                      "(--prm none); use greedy, self_consistency or adaptive_self_consistency", method_param, "method_unavailable")
+                      f"(--prm none); use one of {free}", method_param, "method_unavailable")
     params = dict(opts.params) if opts else {}
     reserved = sorted(set(params) & set(_RESERVED_PARAMS))
     if reserved:
