@@ -1,4 +1,4 @@
-"""Unit tests of the generator's parts: inverse-CDF sampling, detokenizer, stop strings, KV store."""
+"""Unit tests of the generator's parts: inverse-CDF sampling, detokenizer, stop strings, KV store, padded batches."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ pytest.importorskip("transformers")
 
 from conftest_models import make_tokenizer  # noqa: E402
 from itscale.lm.detok import Detokenizer, find_stop  # noqa: E402
-from itscale.lm.kv_cache import KVNode, KVStore  # noqa: E402
+from itscale.lm.hf_cache import cache_kwarg, cache_states, returned_cache  # noqa: E402
+from itscale.lm.kv_cache import KVNode, KVStore, new_root  # noqa: E402
+from itscale.lm.prefill import PrefillBatch, left_padded_kv, left_padding_mask  # noqa: E402
 from itscale.lm.sampling import sample_tokens, token_logprobs, uniform_table  # noqa: E402
 
 LOGITS = torch.tensor([[0.0, 2.0, -1.0, 1.0, -30.0]])
@@ -108,3 +110,52 @@ def test_kv_store_insert_keeps_or_replaces_an_existing_key():
     other = KVNode("xy", a, torch.tensor([7]), ((torch.zeros(1, 1, 2), torch.zeros(1, 1, 2)),))
     assert store.insert(other) is other  # another tokenization replaces it, subtree and all
     assert store.tokens == 5 and store.nodes == 2 and not b.in_store
+
+
+def test_kv_cache_module_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, itscale.lm.kv_cache; assert 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_prefill_batch_layout():
+    """Row b's L_b cached tokens fill the last L_b of P past columns; its n_b new ids the last n_b of N."""
+    root = new_root()
+    kv = lambda n, v: ((torch.full((1, n, 2), float(v)), torch.full((1, n, 2), -float(v))),)  # noqa: E731
+    a = KVNode("abc", root, torch.arange(3), kv(3, 1.0))
+    b = KVNode("x", root, torch.arange(1), kv(1, 2.0))
+    batch = PrefillBatch.build([a, b, root], [[5, 6], [7, 8, 9, 10], [11]], pad_id=0)
+    assert (batch.past, batch.width, batch.new_lengths) == (3, 4, [2, 4, 1])
+    assert batch.input_ids.tolist() == [[0, 0, 5, 6], [7, 8, 9, 10], [0, 0, 0, 11]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 0, 0, 1, 1], [0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 1]]
+    assert batch.position_ids.tolist() == [[0, 0, 3, 4], [1, 2, 3, 4], [0, 0, 0, 0]]
+    assert [batch.column(r, 0) for r in range(3)] == [2, 0, 3]
+    (keys, values), = cache_states(batch.cache)
+    assert keys[:, 0, :, 0].tolist() == [[1, 1, 1], [0, 0, 2], [0, 0, 0]] and values[1, 0, 2, 0] == -2
+    k, v, P = left_padded_kv([b, a], spare=5)
+    assert P == 3 and k[0].shape == (2, 1, 8, 2) and k[0][0, 0, :3, 0].tolist() == [0, 0, 2]
+    assert left_padding_mask(torch.tensor([3, 1]), 3).tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert left_padded_kv([root]) == ([], [], 0)
+
+
+def test_padded_rows_compute_what_they_compute_alone(tiny_lm):
+    """Prefill two contexts of different cached and new lengths in one batch: the logits and stored
+    states of each row equal those of running its whole context alone."""
+    texts = [([3, 4, 5, 6, 7], [8, 9]), ([10], [11, 12, 13, 14])]
+    with torch.no_grad():
+        root, bases = new_root(), []
+        for past, _ in texts:  # the cached part, run alone and stored as one node
+            batch = PrefillBatch.build([root], [past], pad_id=0)
+            tiny_lm(**batch.inputs(torch.device("cpu")), **{cache_kwarg(tiny_lm): batch.cache, "use_cache": True})
+            bases.append(KVNode("", root, torch.tensor(past), batch.new_kv(0, 0, len(past))))
+        batch = PrefillBatch.build(bases, [new for _, new in texts], pad_id=0)
+        out = tiny_lm(**batch.inputs(torch.device("cpu")), **{cache_kwarg(tiny_lm): batch.cache, "use_cache": True})
+        for row, (past, new) in enumerate(texts):
+            alone = tiny_lm(torch.tensor([past + new]), use_cache=True)
+            got = out.logits[row, [batch.column(row, i) for i in range(len(new))]]
+            assert torch.allclose(got, alone.logits[0, len(past):], atol=1e-5)
+            k_alone = cache_states(returned_cache(alone))[0][0]  # layer 0 keys, [1, heads, L + n, head_dim]
+            k_new = batch.new_kv(row, 0, len(new))[0][0]  # layer 0 keys of the new tokens, [heads, n, head_dim]
+            assert torch.allclose(k_new, k_alone[0, :, len(past):], atol=1e-5)

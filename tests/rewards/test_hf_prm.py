@@ -70,7 +70,7 @@ def test_tag_prm_matches_a_direct_forward_pass(char_tokenizer, prm_model, report
 def test_tag_prm_never_rescores_a_cached_prefix(char_tokenizer, prm_model):
     prm = HFTagPRM(prm_model, char_tokenizer, run_in_thread=False)
     prompt_tokens = len(prm.prompt(P1.prompt)[1])
-    step_tokens = [len(prm.step_ids(s, prm.tag_id, prm.separator_ids)[0]) for s in STEPS]
+    step_tokens = [len(prm.encoder.step(s)[0]) for s in STEPS]
 
     (first,) = prm.score_steps_sync([ScoreRequest(P1, STEPS[:2])])
     assert first.tokens == prompt_tokens + step_tokens[0] + step_tokens[1]
@@ -87,7 +87,7 @@ def test_tag_prm_never_rescores_a_cached_prefix(char_tokenizer, prm_model):
     new = [ScoreRequest(P2, (f"{i}+1={i + 1}\n",)) for i in range(5)]
     out = prm.score_steps_sync(new)
     p2_prompt = len(prm.prompt(P2.prompt)[1])
-    expected = p2_prompt + sum(len(prm.step_ids(r.steps[0], prm.tag_id, prm.separator_ids)[0]) for r in new)
+    expected = p2_prompt + sum(len(prm.encoder.step(r.steps[0])[0]) for r in new)
     assert sum(o.tokens for o in out) == expected == prm.stats.tokens - (first.tokens + second.tokens)
     # the baseline reads everything every time
     base = HFTagPRM(prm_model, char_tokenizer, reuse_cache=False, run_in_thread=False)

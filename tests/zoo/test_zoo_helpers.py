@@ -193,6 +193,49 @@ def test_prm_example_targets_sit_where_the_loss_reads_them():
     assert all(t == IGNORE for t in lm_t)
 
 
+def test_prm_encoder_reads_what_the_zoo_trains_on():
+    """The shared PRMEncoder (tokenizer's chat template) gives the zoo's PRM input ids exactly:
+    zoo.tokenizer.chat_prompt's text, then per step its stripped text, the tag id and the separator."""
+    pytest.importorskip("torch")
+    from itscale.rewards.encoding import PRMEncoder
+    from itscale.tasks import arithmetic
+    from itscale.zoo.evaluation import load
+    from itscale.zoo.sampling import prm_encode, prm_encoder, prm_text
+    from itscale.zoo.tokenizer import chat_prompt
+
+    tok, _ = load(zoo.policy_path())
+    fmt = EMBEDDED_TAG_FORMAT
+    tag = tok.convert_tokens_to_ids(fmt.tag)
+
+    def by_hand(problem, steps):
+        ids = tok.encode(chat_prompt(problem.prompt), add_special_tokens=False)
+        marks = []
+        for step in steps:
+            ids += tok.encode(fmt.strip(step, arithmetic.DELIMITER), add_special_tokens=False)
+            marks.append(len(ids))
+            ids += [tag] + tok.encode(fmt.separator, add_special_tokens=False)
+        return ids, marks
+
+    encoder = PRMEncoder(tok, fmt.tag, fmt.separator, delimiter=arithmetic.DELIMITER)
+    assert encoder.prompt("Start at 7.")[0] == chat_prompt("Start at 7.")  # the template renders the zoo's text
+    rng = np.random.default_rng(5)
+    from itscale.zoo.slips import training_solution
+
+    cases = []
+    for _ in range(40):
+        problem = arithmetic.make_problem(*arithmetic.generate(rng, arithmetic.Difficulty(1, 6)), "x")
+        cases.append((problem, training_solution(problem, rng)))
+    odd = arithmetic.make_problem(3, [("+", 4)], "odd")
+    cases += [(odd, []), (odd, ["3§+4=7\n", "", "\n", "x\n\n", "Answer: 7"])]  # a tag inside a step stays text
+    for problem, steps in cases:
+        want = by_hand(problem, steps)
+        encoded = encoder.encode(problem.prompt, steps)
+        assert (encoded.ids, encoded.marks) == want == prm_encode(tok, problem, steps)
+        assert encoded.text == prm_text(problem, steps)
+        assert encoded.ids == tok.encode(encoded.text, add_special_tokens=False)  # one token per character
+    assert prm_encoder(tok) is prm_encoder(tok)  # reused for the same tokenizer and format
+
+
 def test_balanced_loss_weighs_both_classes_equally():
     torch = pytest.importorskip("torch")
     from itscale.zoo.training import IGNORE, balanced_binary_loss

@@ -47,7 +47,8 @@ generated step:
 3. *Evict.* Least-recently-used leaves beyond ``cache_tokens`` stored tokens.
 
 Rows with different cached and new lengths share a batch with left padding, an
-attention mask and explicit position ids (each row counts only its real tokens).
+attention mask and explicit position ids (each row counts only its real tokens; see
+:mod:`itscale.lm.prefill`).
 ``Step.prompt_tokens`` is the whole context's token count and ``Step.prefilled_tokens``
 the tokens actually run through prefill for that request (both on the first
 continuation only). Identical contexts in one call are prefilled once (the later
@@ -71,25 +72,21 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from transformers import DynamicCache
 
 from ..types import Capabilities, SamplingParams, Step, StepRequest
 from .detok import Detokenizer, find_stop
-from .kv_cache import KVNode, KVStore, any_kv, buffered_cache, left_padded_kv, new_root, slice_kv, tokens_for_bytes
+from .hf_cache import accepts, buffered_cache, cache_kwarg, cache_states, check_full_attention, tokens_for_bytes
+from .kv_cache import KVNode, KVStore, new_root
 from .loading import (
-    ModelLoadError,
-    accepts,
     ChatPrompts,
-    cache_kwarg,
+    ModelLoadError,
     chat_prompt,
-    check_full_attention,
-    check_model_dir,
     count_parameters,
     encode,
     eos_token_ids,
-    load_model,
-    load_tokenizer,
+    load_hf,
 )
+from .prefill import PrefillBatch, left_padded_kv, left_padding_mask, slice_kv
 from .sampling import sample_tokens, token_logprobs, uniform_table
 
 __all__ = ["GeneratorStats", "HFGenerator", "ModelLoadError"]
@@ -148,9 +145,11 @@ class _Row:
 class HFGenerator:
     """A Hugging Face causal LM as a batched, seeded, KV-reusing step generator.
 
-    ``path_or_model`` is a model folder (loaded with ``AutoModelForCausalLM``) or a
-    model object (then ``tokenizer`` is required; the model is moved to ``device``). ``dtype`` defaults to float32 when
-    loading and to the model's own dtype for a model object. ``cache_tokens`` bounds
+    ``path_or_model`` is a model folder or a ``.gguf`` file (loaded with
+    ``AutoModelForCausalLM``), or a model object (then ``tokenizer`` is required); see
+    :func:`~itscale.lm.loading.load_hf`. ``device="auto"`` is CUDA, else MPS, else the CPU;
+    ``dtype="auto"`` is the checkpoint's 16-bit dtype on CUDA/MPS and float32 on the CPU
+    (a model object keeps its own). ``cache_tokens`` bounds
     the stored KV tokens (default: as many as fit in 1 GiB; stored next-token logits
     count as the KV tokens of the same memory). ``run_in_thread`` runs
     the torch work in a worker thread so the event loop stays responsive; calls are
@@ -162,8 +161,8 @@ class HFGenerator:
         path_or_model: Any,
         tokenizer: Any = None,
         *,
-        device: Any = "cpu",
-        dtype: torch.dtype | None = None,
+        device: Any = "auto",
+        dtype: Any = "auto",
         max_batch: int = 64,
         cache_tokens: int | None = None,
         reuse_cache: bool = True,
@@ -172,18 +171,11 @@ class HFGenerator:
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        if isinstance(path_or_model, (str, os.PathLike)):
-            folder = check_model_dir(path_or_model, need_tokenizer=tokenizer is None)
-            tokenizer = tokenizer if tokenizer is not None else load_tokenizer(folder)
-            model = load_model(folder, "causal_lm", device, dtype)
-        else:
-            if tokenizer is None:
-                raise ValueError("HFGenerator(model_object) needs tokenizer=...")
-            model = path_or_model.to(device=device, dtype=dtype) if dtype is not None else path_or_model.to(device)
-            model.eval()
+        loaded = load_hf(path_or_model, tokenizer, "causal_lm", device, dtype, owner="HFGenerator")
+        model, tokenizer = loaded.model, loaded.tokenizer
         check_full_attention(model)
         self.model, self.tokenizer = model, tokenizer
-        self.device = torch.device(device)
+        self.device, self.dtype = loaded.device, loaded.dtype
         self.max_batch = int(max_batch)
         self.reuse_cache = bool(reuse_cache)
         self.system_prompt = system_prompt
@@ -206,7 +198,7 @@ class HFGenerator:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "HFGenerator":
-        """Load a local model folder; :class:`ModelLoadError` names the folder and the cause."""
+        """Load a local model folder or .gguf file; :class:`ModelLoadError` names it and the cause."""
         return cls(Path(path), **kwargs)
 
     # -- public API -----------------------------------------------------------------
@@ -316,26 +308,12 @@ class HFGenerator:
         return False
 
     def _prefill(self, chunk: list[tuple[_Context, KVNode, str, list[int]]]) -> None:
-        bases = [base for _, base, _, _ in chunk]
-        B, N = len(chunk), max(len(ids) for *_, ids in chunk)
-        template = any_kv(bases)
-        keys, values, C = left_padded_kv(bases, len(template), template) if template else ([], [], 0)
-        cache = DynamicCache(ddp_cache_data=list(zip(keys, values))) if C else DynamicCache()
-        input_ids = torch.full((B, N), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((B, C + N), dtype=torch.long)
-        positions = torch.zeros((B, N), dtype=torch.long)
-        for b, (_, base, _, ids) in enumerate(chunk):
-            n, L = len(ids), base.length
-            input_ids[b, N - n:] = torch.tensor(ids, dtype=torch.long)
-            mask[b, C - L:C] = 1
-            mask[b, C + N - n:] = 1
-            positions[b, N - n:] = torch.arange(L, L + n)
-        logits = self._forward(input_ids, mask, positions, cache)
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        batch = PrefillBatch.build([base for _, base, _, _ in chunk], [ids for *_, ids in chunk], self.pad_id)
+        logits = self._forward(batch.input_ids, batch.attention_mask, batch.position_ids, batch.cache)
         for b, (ctx, base, key, ids) in enumerate(chunk):
             n = len(ids)
-            node = KVNode(key, base, torch.tensor(ids, dtype=torch.long),
-                          slice_kv(layers, b, C + N - n, C + N), logits=logits[b].clone())
+            node = KVNode(key, base, torch.tensor(ids, dtype=torch.long), batch.new_kv(b, 0, n),
+                          logits=logits[b].clone())
             if self.reuse_cache:
                 node = self.store.insert(node)
             ctx.node, ctx.prompt_tokens, ctx.prefilled = node, node.length, n
@@ -357,14 +335,13 @@ class HFGenerator:
         nodes = list(dict.fromkeys(row.ctx.node for row in rows))
         where = {id(n): i for i, n in enumerate(nodes)}
         index = torch.tensor([where[id(row.ctx.node)] for row in rows], device=self.device)
-        template = any_kv(nodes)
         spare = max(row.limit for row in rows) + 1
-        keys, values, P = left_padded_kv(nodes, len(template), template, spare)
+        keys, values, P = left_padded_kv(nodes, spare)
         if len(nodes) < len(rows):  # copies of a context (k > 1): one buffer row each
             keys, values = [k.index_select(0, index) for k in keys], [v.index_select(0, index) for v in values]
         cache = buffered_cache(keys, values, P)
         lengths = torch.tensor([row.ctx.node.length for row in rows], dtype=torch.long)
-        mask = (torch.arange(P)[None, :] >= (P - lengths)[:, None]).long()
+        mask = left_padding_mask(lengths, P)
         positions = lengths.clone()
         logits = torch.stack([n.logits for n in nodes]).index_select(0, index)
         temperature = torch.tensor([row.params.temperature for row in rows], dtype=torch.float64)
@@ -440,13 +417,12 @@ class HFGenerator:
             row.store_kept = detok.kept_tokens(len(row.text))
         return True
 
-    def _store(self, row: _Row, cache: DynamicCache, b: int, P: int, logits: torch.Tensor | None) -> None:
+    def _store(self, row: _Row, cache, b: int, P: int, logits: torch.Tensor | None) -> None:
         """Store the row's kept generated tokens (batch columns ``[P, P + kept)``) under its context."""
         key = row.detok.text[: row.detok.kept_text_end(row.store_kept)]
         if not key:
             return
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
         ids = torch.tensor(row.ids[: row.store_kept], dtype=torch.long)
-        node = KVNode(key, row.ctx.node, ids, slice_kv(layers, b, P, P + row.store_kept),
+        node = KVNode(key, row.ctx.node, ids, slice_kv(cache_states(cache), b, P, P + row.store_kept),
                       logits=None if logits is None else logits.clone())
         self.store.insert(node)

@@ -1,4 +1,4 @@
-"""A prefix tree of key/value states, and padded batches built from it.
+"""A prefix tree of key/value states (:class:`KVStore` of :class:`KVNode` segments).
 
 Why a tree
 ----------
@@ -22,13 +22,9 @@ vocabularies they are not negligible); :meth:`KVStore.trim` evicts least-recentl
 size is within ``max_tokens``. Eviction only happens
 between backend calls, so nodes in use by a call are never freed under it.
 
-Padded batches
---------------
-Rows of different lengths run in one forward pass with *left* padding: row ``b``'s
-``L_b`` cached tokens occupy the last ``L_b`` of ``P = max_b L_b`` columns, the
-attention mask is 0 on the padding, and position ids count only real tokens
-(``position = number of real tokens before``), so a padded row computes exactly what
-it would compute alone.
+The padded batches that run several nodes' contexts in one forward pass are built in
+:mod:`itscale.lm.prefill`; this module knows nothing about models (it imports torch
+only, for the tensors).
 """
 
 from __future__ import annotations
@@ -39,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
 
 KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer (keys, values), each [heads, n, head_dim]
 
@@ -216,105 +211,3 @@ class KVStore:
     def clear(self) -> None:
         self.root = new_root()
         self.tokens = self.size = self.nodes = 0
-
-
-# -- padded batches -------------------------------------------------------------------
-class BufferedLayer(DynamicLayer):
-    """A full-attention cache layer that writes new states into spare capacity.
-
-    ``DynamicLayer.update`` concatenates the whole cache on every decode step (O(L) copies
-    per token); this layer preallocates ``spare`` extra columns and writes in place.
-    ``keys``/``values`` are views of the filled columns, as transformers expects.
-    """
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
-        """``keys``/``values`` are ``[B, heads, capacity, head_dim]`` buffers whose first ``length``
-        columns hold the cached states; the rest is spare room (used in place, never copied)."""
-        super().__init__()
-        self._k, self._v, self._len = keys, values, int(length)
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self._views()
-
-    def _views(self) -> None:
-        self.keys, self.values = self._k[:, :, : self._len], self._v[:, :, : self._len]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        n = key_states.shape[-2]
-        if self._len + n > self._k.shape[2]:  # out of room: grow (not expected in decoding)
-            grow = max(self._len + n, 2 * self._k.shape[2]) - self._k.shape[2]
-            self._k = torch.cat([self._k, self._k.new_empty(*self._k.shape[:2], grow, self._k.shape[3])], dim=2)
-            self._v = torch.cat([self._v, self._v.new_empty(*self._v.shape[:2], grow, self._v.shape[3])], dim=2)
-        self._k[:, :, self._len : self._len + n] = key_states
-        self._v[:, :, self._len : self._len + n] = value_states
-        self._len += n
-        self._views()
-        return self.keys, self.values
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep only the batch rows ``indices`` (spare capacity is kept)."""
-        self._k, self._v = self._k.index_select(0, indices), self._v.index_select(0, indices)
-        self._views()
-
-
-def buffered_cache(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], length: int) -> DynamicCache:
-    """A DynamicCache of :class:`BufferedLayer` over per-layer buffers whose first ``length`` columns are filled."""
-    cache = DynamicCache()
-    cache.layers = [BufferedLayer(k, v, length) for k, v in zip(keys, values)]
-    cache.layer_class_to_replicate = None
-    return cache
-
-
-def left_padded_kv(nodes: Sequence[KVNode], n_layers: int, template: KV | None,
-                   spare: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
-    """Keys and values of the contexts ending at ``nodes``, left-padded to the longest.
-
-    Returns per-layer lists of ``[B, heads, P + spare, head_dim]`` tensors and ``P``: the
-    first ``P`` columns hold the states (zeros as padding), the last ``spare`` are
-    uninitialised room for a decode to write into. ``template`` (any stored KV) gives
-    the shapes, dtype and device.
-    """
-    P = max((n.length for n in nodes), default=0)
-    B = len(nodes)
-    if template is None:
-        return [], [], 0
-    keys, values = [], []
-    for layer in range(n_layers):
-        k0, v0 = template[layer]
-        k, v = k0.new_empty((B, k0.shape[0], P + spare, k0.shape[2])), v0.new_empty((B, v0.shape[0], P + spare, v0.shape[2]))
-        k[:, :, :P].zero_()
-        v[:, :, :P].zero_()
-        keys.append(k)
-        values.append(v)
-    for b, node in enumerate(nodes):
-        pos = P - node.length
-        for seg in node.chain():
-            for layer, (k, v) in enumerate(seg.kv):
-                keys[layer][b, :, pos:pos + seg.n] = k
-                values[layer][b, :, pos:pos + seg.n] = v
-            pos += seg.n
-    return keys, values, P
-
-
-def any_kv(nodes: Sequence[KVNode]) -> KV | None:
-    for node in nodes:
-        for seg in node.chain():
-            return seg.kv
-    return None
-
-
-def slice_kv(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], row: int, start: int, stop: int) -> KV:
-    """A stored copy of columns ``[start, stop)`` of batch row ``row`` (no view into the batch)."""
-    return tuple((k[row, :, start:stop].clone(), v[row, :, start:stop].clone()) for k, v in layers)
-
-
-def kv_bytes_per_token(model) -> int:
-    """Bytes of keys and values one token takes in every layer of ``model``."""
-    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    itemsize = next(model.parameters()).element_size()
-    return 2 * cfg.num_hidden_layers * heads * head_dim * itemsize
-
-
-def tokens_for_bytes(model, budget: int) -> int:
-    return max(1, budget // max(kv_bytes_per_token(model), 1))

@@ -10,7 +10,9 @@ and the score of step t is read at the t-th tag token, whose next-token logits z
     s_t = softmax(z_good, z_bad)[good] = σ(z_good − z_bad).
 
 The token ids are built piece by piece — the prompt, then for each step its text, the
-tag id and the separator — so each tag is exactly one token wherever it falls.
+tag id and the separator — so each tag is exactly one token wherever it falls (both
+PRMs read their input through :class:`~itscale.rewards.encoding.PRMEncoder`, as the
+zoo's PRM training does).
 
 What is cached (``reuse_cache=True``): a prefix tree of KV segments (one node for the
 prompt, one per step) keyed by the exact prompt and step texts. A node holds its
@@ -45,23 +47,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from transformers import DynamicCache
 
-from ..lm.kv_cache import KVNode, KVStore, any_kv, left_padded_kv, new_root, slice_kv, tokens_for_bytes
-from ..lm.loading import (
-    ModelLoadError,
-    accepts,
-    cache_kwarg,
-    chat_prompt,
-    check_full_attention,
-    check_model_dir,
-    count_parameters,
-    encode,
-    load_model,
-    load_tokenizer,
-    single_token_id,
-)
+from ..lm.hf_cache import accepts, cache_kwarg, check_full_attention, tokens_for_bytes
+from ..lm.kv_cache import KVNode, KVStore, new_root
+from ..lm.loading import ModelLoadError, count_parameters, load_hf, single_token_id
+from ..lm.prefill import PrefillBatch
 from ..types import Capabilities, ScoreRequest, StepScores
+from .encoding import PRMEncoder
 from .formats import EMBEDDED_TAG_FORMAT, TagFormat
 from .prefix_cache import PrefixScores
 
@@ -91,29 +83,22 @@ def _clip(p: float) -> float:
 
 
 class _HFScorer:
-    """Loading, threading and prompt text shared by the PRMs."""
+    """Loading, threading and the input encoder (``self.encoder``, set by each PRM) shared by the PRMs."""
 
     kind = "causal_lm"
+    encoder: PRMEncoder
 
     def _load(self, path_or_model, tokenizer, device, dtype):
-        if isinstance(path_or_model, (str, os.PathLike)):
-            folder = check_model_dir(path_or_model, need_tokenizer=tokenizer is None)
-            tokenizer = tokenizer if tokenizer is not None else load_tokenizer(folder)
-            model = load_model(folder, self.kind, device, dtype)
-        else:
-            if tokenizer is None:
-                raise ValueError(f"{type(self).__name__}(model_object) needs tokenizer=...")
-            model = path_or_model.to(device=device, dtype=dtype) if dtype is not None else path_or_model.to(device)
-            model.eval()
-        self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
-        self.capabilities = Capabilities(n_parameters=count_parameters(model))
+        loaded = load_hf(path_or_model, tokenizer, self.kind, device, dtype, owner=type(self).__name__)
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.device, self.dtype = loaded.device, loaded.dtype
+        self.capabilities = Capabilities(n_parameters=count_parameters(self.model))
         self.stats = PRMStats()
-        self._prompts: dict[str, tuple[str, list[int]]] = {}
         self._lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any):
-        """Load a local model folder; :class:`ModelLoadError` names the folder and the cause."""
+        """Load a local model folder or .gguf file; :class:`ModelLoadError` names it and the cause."""
         return cls(Path(path), **kwargs)
 
     async def score_steps(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
@@ -133,18 +118,7 @@ class _HFScorer:
 
     def prompt(self, prompt: str) -> tuple[str, list[int]]:
         """The chat prompt text and its token ids."""
-        hit = self._prompts.get(prompt)
-        if hit is None:
-            if len(self._prompts) > 4096:
-                self._prompts.clear()
-            text, special = chat_prompt(self.tokenizer, prompt, self.system_prompt)
-            hit = self._prompts[prompt] = (text, encode(self.tokenizer, text, add_special_tokens=special))
-        return hit
-
-    def step_ids(self, step: str, marker_id: int, after: list[int]) -> tuple[list[int], int]:
-        """A step's ids: its text without the delimiter, the marker, then ``after``; and the marker's index."""
-        body = encode(self.tokenizer, TagFormat.strip(step, self.delimiter))
-        return body + [marker_id] + after, len(body)
+        return self.encoder.prompt(prompt)
 
 
 @dataclass(eq=False)
@@ -157,7 +131,11 @@ class _Job:
 
 
 class HFTagPRM(_HFScorer):
-    """A causal LM scoring each step by P(good | tag) (see the module docstring)."""
+    """A causal LM scoring each step by P(good | tag) (see the module docstring).
+
+    ``path_or_model``: a model folder, a ``.gguf`` file or a model object (then ``tokenizer``
+    is required); ``device``/``dtype`` default to ``"auto"`` (see :func:`~itscale.lm.loading.load_hf`).
+    """
 
     def __init__(
         self,
@@ -167,8 +145,8 @@ class HFTagPRM(_HFScorer):
         format: TagFormat = EMBEDDED_TAG_FORMAT,
         delimiter: str = "\n",
         max_batch: int = 32,
-        device: Any = "cpu",
-        dtype: torch.dtype | None = None,
+        device: Any = "auto",
+        dtype: Any = "auto",
         cache_tokens: int | None = None,
         reuse_cache: bool = True,
         system_prompt: str | None = None,
@@ -181,10 +159,11 @@ class HFTagPRM(_HFScorer):
         self.format, self.delimiter = format, delimiter
         self.max_batch, self.reuse_cache = int(max_batch), bool(reuse_cache)
         self.system_prompt, self.run_in_thread = system_prompt, run_in_thread
-        self.tag_id = single_token_id(self.tokenizer, format.tag, "the PRM tag")
+        self.encoder = PRMEncoder(self.tokenizer, format.tag, format.separator, delimiter=delimiter,
+                                  system_prompt=system_prompt, what="the PRM tag")
+        self.tag_id, self.separator_ids = self.encoder.mark_id, self.encoder.after_ids
         self.good_id = single_token_id(self.tokenizer, format.good, "the PRM good token")
         self.bad_id = single_token_id(self.tokenizer, format.bad, "the PRM bad token")
-        self.separator_ids = encode(self.tokenizer, format.separator)
         self.store = KVStore(cache_tokens if cache_tokens is not None else tokens_for_bytes(self.model, 1 << 30))
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
         self._cache_kw = cache_kwarg(self.model)
@@ -195,13 +174,8 @@ class HFTagPRM(_HFScorer):
 
     def input_ids(self, request: ScoreRequest) -> tuple[list[int], list[int]]:
         """The full token ids of a request and the index of every tag (for checking by hand)."""
-        _, ids = self.prompt(request.problem.prompt)
-        ids, tags = list(ids), []
-        for step in request.steps:
-            seg, tag = self.step_ids(step, self.tag_id, self.separator_ids)
-            tags.append(len(ids) + tag)
-            ids += seg
-        return ids, tags
+        encoded = self.encoder.encode(request.problem.prompt, request.steps)
+        return encoded.ids, encoded.marks
 
     # -- one call -------------------------------------------------------------------
     def _score(self, requests: list[ScoreRequest]) -> list[StepScores]:
@@ -266,7 +240,7 @@ class HFTagPRM(_HFScorer):
         return chains
 
     def _segments(self, steps: Sequence[str]) -> list[tuple[str, list[int], int]]:
-        return [(step, *self.step_ids(step, self.tag_id, self.separator_ids)) for step in steps]
+        return [(step, *self.encoder.step(step)) for step in steps]
 
     # -- forward passes ---------------------------------------------------------------
     def _run(self, jobs: list[_Job]) -> None:
@@ -276,43 +250,28 @@ class HFTagPRM(_HFScorer):
 
     def _forward(self, jobs: list[_Job]) -> None:
         """One batched pass: past states of each job's base (left-padded), then its new tokens."""
-        bases = [j.base for j in jobs]
         new = [[t for _, ids, _ in j.segments for t in ids] for j in jobs]
-        B, N = len(jobs), max(len(ids) for ids in new)
-        template = any_kv(bases)
-        keys, values, C = left_padded_kv(bases, len(template), template) if template else ([], [], 0)
-        cache = DynamicCache(ddp_cache_data=list(zip(keys, values))) if C else DynamicCache()
-        input_ids = torch.full((B, N), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((B, C + N), dtype=torch.long)
-        positions = torch.zeros((B, N), dtype=torch.long)
-        tag_cols: list[list[int | None]] = []
-        for b, (job, ids) in enumerate(zip(jobs, new)):
-            n, L = len(ids), job.base.length
-            input_ids[b, N - n:] = torch.tensor(ids, dtype=torch.long)
-            mask[b, C - L:C] = 1
-            mask[b, C + N - n:] = 1
-            positions[b, N - n:] = torch.arange(L, L + n)
-            cols, offset = [], N - n
+        batch = PrefillBatch.build([j.base for j in jobs], new, self.pad_id)
+        tag_cols: list[list[int | None]] = []  # per job and segment: the input column of its tag
+        for b, job in enumerate(jobs):
+            cols, offset = [], 0
             for _, seg, tag in job.segments:
-                cols.append(None if tag is None else offset + tag)
+                cols.append(None if tag is None else batch.column(b, offset + tag))
                 offset += len(seg)
             tag_cols.append(cols)
         wanted = sorted({c for cols in tag_cols for c in cols if c is not None})
-        kwargs = {self._cache_kw: cache, "use_cache": True}
+        kwargs = {self._cache_kw: batch.cache, "use_cache": True}
         if self._logits_to_keep and wanted:
             kwargs["logits_to_keep"] = torch.tensor(wanted, device=self.device)
             column = {c: i for i, c in enumerate(wanted)}
         else:
-            column = {c: c for c in range(N)}
-        out = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=positions.to(self.device), **kwargs)
-        logits = out.logits
+            column = {c: c for c in range(batch.width)}
+        logits = self.model(**batch.inputs(self.device), **kwargs).logits
         self.stats.forward_passes += 1
-        self.stats.sequences += B
+        self.stats.sequences += len(jobs)
         self.stats.tokens += sum(len(ids) for ids in new)
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
         for b, job in enumerate(jobs):
-            parent, offset, nodes = job.base, N - len(new[b]), []
+            parent, offset, nodes = job.base, 0, []
             for (key, ids, _), col in zip(job.segments, tag_cols[b]):
                 score = None
                 if col is not None:
@@ -320,7 +279,7 @@ class HFTagPRM(_HFScorer):
                     score = float(torch.sigmoid(pair[0] - pair[1]))
                     self.stats.scored_steps += 1
                 node = KVNode(key, parent, torch.tensor(ids, dtype=torch.long),
-                              slice_kv(layers, b, C + offset, C + offset + len(ids)), value=score)
+                              batch.new_kv(b, offset, offset + len(ids)), value=score)
                 if self.reuse_cache:
                     node = self.store.insert(node)
                 nodes.append(node)
@@ -333,7 +292,8 @@ class HFClassifierPRM(_HFScorer):
 
     Input: the chat prompt, then each step's text (without its delimiter) followed by
     ``separator_token``; ``s_t = softmax(logits[t-th separator])[positive_label]``.
-    See the module docstring for what is cached.
+    See the module docstring for what is cached; loading, ``device`` and ``dtype`` as for
+    :class:`HFTagPRM`.
     """
 
     kind = "token_classification"
@@ -347,8 +307,8 @@ class HFClassifierPRM(_HFScorer):
         positive_label: int = 1,
         delimiter: str = "\n",
         max_batch: int = 16,
-        device: Any = "cpu",
-        dtype: torch.dtype | None = None,
+        device: Any = "auto",
+        dtype: Any = "auto",
         cache_size: int = 1 << 17,
         system_prompt: str | None = None,
         run_in_thread: bool = True,
@@ -359,7 +319,9 @@ class HFClassifierPRM(_HFScorer):
         labels = getattr(self.model.config, "num_labels", None)
         if labels is not None and not 0 <= positive_label < labels:
             raise ValueError(f"positive_label {positive_label} is not one of the model's {labels} labels")
-        self.separator_id = single_token_id(self.tokenizer, separator_token, "the separator token")
+        self.encoder = PRMEncoder(self.tokenizer, separator_token, "", delimiter=delimiter,
+                                  system_prompt=system_prompt, what="the separator token")
+        self.separator_id = self.encoder.mark_id
         self.positive_label, self.delimiter = int(positive_label), delimiter
         self.max_batch, self.cache_size = int(max_batch), int(cache_size)
         self.system_prompt, self.run_in_thread = system_prompt, run_in_thread
@@ -371,12 +333,8 @@ class HFClassifierPRM(_HFScorer):
 
     def input_ids(self, request: ScoreRequest) -> tuple[list[int], list[int]]:
         """The full token ids of a request and the index of every separator."""
-        ids, seps = list(self.prompt(request.problem.prompt)[1]), []
-        for step in request.steps:
-            seg, sep = self.step_ids(step, self.separator_id, [])
-            seps.append(len(ids) + sep)
-            ids += seg
-        return ids, seps
+        encoded = self.encoder.encode(request.problem.prompt, request.steps)
+        return encoded.ids, encoded.marks
 
     def _score(self, requests: list[ScoreRequest]) -> list[StepScores]:
         hits, todo = self._scores.lookup(requests)

@@ -2,17 +2,21 @@
 
 Batched sampling with left padding and a key/value cache, and tag-style PRM
 scoring. They exist so the zoo can train and evaluate itself without the
-generic backends in :mod:`itscale.lm` (which have their own, richer contracts).
+generic backends in :mod:`itscale.lm` (which have their own, richer contracts);
+they share with them the transformers glue (:mod:`itscale.lm.hf_cache`) and the PRM's
+input encoder (:class:`itscale.rewards.encoding.PRMEncoder`), so the PRM is trained
+on exactly the input :class:`~itscale.rewards.hf.HFTagPRM` scores.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from ..lm.hf_cache import cache_kwarg, returned_cache
+from ..rewards.encoding import PRMEncoder
 from ..rewards.formats import EMBEDDED_TAG_FORMAT, TagFormat
 from ..tasks import arithmetic
 from ..types import Problem
@@ -41,16 +45,6 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-def _cache_kwarg(model) -> str:
-    # transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name goes in 5.40).
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _cache_of(output):
-    cache = output.get("cache") if hasattr(output, "get") else None
-    return cache if cache is not None else output.past_key_values
-
-
 @torch.no_grad()
 def sample(model, tokenizer, prompts: Sequence[str], n: int = 1, temperature: float = 0.0,
            max_new_tokens: int = 128, batch_size: int = 256, seed: int = 0) -> list[list[Completion]]:
@@ -60,7 +54,7 @@ def sample(model, tokenizer, prompts: Sequence[str], n: int = 1, temperature: fl
     Rows are batched by prompt length so that little padding is computed.
     """
     model.eval()
-    cache_kw = _cache_kwarg(model)
+    cache_kw = cache_kwarg(model)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     encoded = encode_plain(tokenizer, prompts)
     rows = [(i, j) for i in range(len(prompts)) for j in range(n)]
@@ -72,7 +66,7 @@ def sample(model, tokenizer, prompts: Sequence[str], n: int = 1, temperature: fl
         ids, mask = left_pad([encoded[i] for i, _ in chunk], pad)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        cache, logits = _cache_of(res), res.logits[:, -1, :]
+        cache, logits = returned_cache(res), res.logits[:, -1, :]
         last = pos[:, -1]
         done = torch.zeros(len(chunk), dtype=torch.bool)
         generated = []
@@ -91,7 +85,7 @@ def sample(model, tokenizer, prompts: Sequence[str], n: int = 1, temperature: fl
             last = last + 1
             res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None],
                         use_cache=True, **{cache_kw: cache})
-            cache, logits = _cache_of(res), res.logits[:, -1, :]
+            cache, logits = returned_cache(res), res.logits[:, -1, :]
         gen_ids = torch.stack(generated, dim=1).tolist()
         for (i, j), seq in zip(chunk, gen_ids):
             ended = eos in seq
@@ -121,25 +115,31 @@ def tag_ids(tokenizer, fmt: TagFormat = EMBEDDED_TAG_FORMAT) -> tuple[int, int, 
     return ids[0], ids[1], ids[2]
 
 
+_last_encoder: tuple[object, TagFormat, PRMEncoder] | None = None  # the one most recently asked for
+
+
+def prm_encoder(tokenizer, fmt: TagFormat = EMBEDDED_TAG_FORMAT) -> PRMEncoder:
+    """The PRM's input encoder for the arithmetic task: mark ``fmt.tag``, then ``fmt.separator``,
+    steps cut at the task's delimiter (the last one made is reused for the same tokenizer and format)."""
+    global _last_encoder
+    last = _last_encoder
+    if last is not None and last[0] is tokenizer and last[1] == fmt:
+        return last[2]
+    encoder = PRMEncoder(tokenizer, fmt.tag, fmt.separator, delimiter=arithmetic.DELIMITER)
+    _last_encoder = (tokenizer, fmt, encoder)
+    return encoder
+
+
 def prm_encode(tokenizer, problem: Problem, steps: Sequence[str],
                fmt: TagFormat = EMBEDDED_TAG_FORMAT) -> tuple[list[int], list[int]]:
-    """Token ids of :func:`prm_text` and the position of each step's tag.
+    """Token ids of :func:`prm_text` and the position of each step's tag (:meth:`PRMEncoder.encode`).
 
     Encoded piece by piece so that a tag character inside a step (a policy may write
     anything) is never mistaken for a step tag; for this character-level tokenizer the
     ids equal those of encoding :func:`prm_text` in one go.
     """
-    tag = tokenizer.convert_tokens_to_ids(fmt.tag)
-    ids = list(tokenizer(chat_prompt(problem.prompt), add_special_tokens=False)["input_ids"])
-    bodies = tokenizer([fmt.strip(s, arithmetic.DELIMITER) for s in steps], add_special_tokens=False)["input_ids"] \
-        if steps else []
-    sep = tokenizer(fmt.separator, add_special_tokens=False)["input_ids"]
-    positions = []
-    for body in bodies:
-        ids += body
-        positions.append(len(ids))
-        ids += [tag] + sep
-    return ids, positions
+    encoded = prm_encoder(tokenizer, fmt).encode(problem.prompt, steps)
+    return encoded.ids, encoded.marks
 
 
 @torch.no_grad()
