@@ -40,8 +40,9 @@ sys.path.insert(0, str(ROOT / "tests"))  # the vLLM launcher of the integration 
 from servers import BLOCK_SIZE, prm_dir, start_vllms  # noqa: E402
 
 from itscale import zoo  # noqa: E402
-from itscale.bench.backends import Timed, served_model  # noqa: E402
-from itscale.lm import OpenAIGenerator  # noqa: E402
+from itscale.backends import served_model  # noqa: E402
+from itscale.bench.backends import Timed  # noqa: E402
+from itscale.lm import Lookahead, OpenAIGenerator  # noqa: E402
 from itscale.rewards.remote import RemoteTagPRM  # noqa: E402
 from itscale.strategies import make_strategy, run_many  # noqa: E402
 from itscale.tasks import arithmetic  # noqa: E402
@@ -106,7 +107,9 @@ def backends(policy_url: str, prm_url: str, max_concurrency: int, kv_block: int 
     """Fresh clients (no client-side PRM cache carried between methods), timed; the policy
     aligns its look-ahead to ``kv_block`` (the servers' KV block; ``None``: no look-ahead)."""
     policy = OpenAIGenerator(policy_url, served_model(policy_url, None, "policy"), tokenizer=zoo.policy_path(),
-                             max_concurrency=max_concurrency, kv_block=kv_block)
+                             max_concurrency=max_concurrency)
+    if kv_block is not None:
+        policy = Lookahead(policy, kv_block)
     prm = RemoteTagPRM(prm_url, served_model(prm_url, None, "prm"), tokenizer=prm_dir(),
                        delimiter=arithmetic.DELIMITER, max_concurrency=max_concurrency)
     return Timed(policy), Timed(prm)

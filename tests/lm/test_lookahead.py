@@ -1,5 +1,5 @@
-"""OpenAIGenerator's block-aligned look-ahead (``kv_block``) against a fake completions server,
-and its step cutting. The real-vLLM check is in tests/integration."""
+"""Block-aligned look-ahead (``Lookahead(OpenAIGenerator, kv_block)``) against a fake completions
+server, and its step cutting. The real-vLLM check is in tests/integration."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("transformers")
 
 from itscale import zoo  # noqa: E402
-from itscale.lm import EndpointPool, OpenAIGenerator  # noqa: E402
+from itscale.lm import EndpointPool, Lookahead, OpenAIGenerator  # noqa: E402
 from itscale.lm.loading import encode  # noqa: E402
 from itscale.lm.lookahead import cut_step, split_tokens  # noqa: E402
+from itscale.protocols import Generator  # noqa: E402
 from itscale.types import Problem, SamplingParams, Step, StepRequest  # noqa: E402
 
 URL = "http://vllm:8000/v1"
@@ -93,9 +94,9 @@ def tokenizer():
     return load_tokenizer(zoo.policy_path())
 
 
-def generator(server, **kw) -> OpenAIGenerator:
+def generator(server, **kw) -> Lookahead:
     pool = EndpointPool(URL, transport=httpx.MockTransport(server), backoff_base=0.0)
-    return OpenAIGenerator(pool, "policy", tokenizer=zoo.policy_path(), kv_block=BLOCK, **kw)
+    return Lookahead(OpenAIGenerator(pool, "policy", tokenizer=zoo.policy_path(), **kw), BLOCK)
 
 
 def request(problem, steps=(), k=1, stop=STOP, params=SAMPLING):
@@ -151,15 +152,15 @@ def test_duplicated_particles_get_fresh_continuations_and_unselected_look_ahead_
         lambda out: [request(P1, ["1+1=2\n"], k=3)],  # resampling kept the P1 context, thrice
     ])
     assert [s.text for s in second[0]] == ["2*3=6\n"] * 3
-    assert gen.lookahead.stats["reused"] == 2 and gen.lookahead.stats["fresh"] == 3 + 1
+    assert gen.stats["reused"] == 2 and gen.stats["fresh"] == 3 + 1
     gen = generator(FakeServer(tokenizer, solution="1+1=2\n2*3=6\n6-1=5\nAnswer: 5"))
     _, (dropped,) = rounds(gen, [
         lambda _: [request(P1), request(P1, ["1+1=2\n"])],
         lambda out: [request(P1, ["1+1=2\n", "2*3=6\n"])],  # only the second particle goes on
     ])
     assert dropped[0].text == "6-1=5\n"
-    assert gen.lookahead.stats["dropped_tokens"] > 0
-    assert dropped[0].tokens == len("6-1=5\n") + gen.lookahead.stats["dropped_tokens"]  # charged, not lost
+    assert gen.stats["dropped_tokens"] > 0
+    assert dropped[0].tokens == len("6-1=5\n") + gen.stats["dropped_tokens"]  # charged, not lost
 
 
 def test_long_steps_end_at_max_step_tokens_and_whole_solutions_go_plain(tokenizer):
@@ -176,9 +177,30 @@ def test_long_steps_end_at_max_step_tokens_and_whole_solutions_go_plain(tokenize
 
 def test_kv_block_must_be_positive_and_needs_the_completions_api():
     with pytest.raises(ValueError, match="kv_block"):
-        OpenAIGenerator(URL, "policy", tokenizer=zoo.policy_path(), kv_block=0)
+        Lookahead(OpenAIGenerator(URL, "policy", tokenizer=zoo.policy_path()), 0)
     with pytest.raises(ValueError, match="kv_block needs the completions API"):
-        OpenAIGenerator(URL, "policy", kv_block=32)  # no tokenizer: chat API
+        Lookahead(OpenAIGenerator(URL, "policy"), 32)  # no tokenizer: chat API
+
+
+def test_the_look_ahead_is_a_generator_wrapping_the_policy(tokenizer):
+    server = FakeServer(tokenizer)
+    gen = generator(server)
+    assert isinstance(gen, Generator) and gen.capabilities is gen.generator.capabilities
+    assert gen.http is gen.generator.http
+    rounds(gen, [lambda _: [request(P1)]])
+    gen.clear_cache()  # forgets the look-ahead: the next round asks the server again
+    (second,) = rounds(gen, [lambda _: [request(P1, ["1+1=2\n"])]])
+    assert second[0][0].text == "2*3=6\n" and len(server.bodies) == 2 and gen.stats["reused"] == 0
+
+
+def test_without_merging_every_call_goes_to_the_generator_as_it_is(tokenizer):
+    """``merge_prompts=1`` (seeded, one request per StepRequest): no look-ahead, stop strings sent."""
+    server = FakeServer(tokenizer)
+    gen = generator(server, merge_prompts=1)
+    rounds(gen, [lambda _: [request(P1, params=SamplingParams(max_step_tokens=12, seed=4))]])
+    (body,) = server.bodies
+    assert (body["stop"], body["seed"], body["max_tokens"]) == (["\n"], 4, 12)  # a plain, seeded step request
+    assert gen.stats == {"reused": 0, "fresh": 0, "prompts": 0, "dropped_tokens": 0}
 
 
 def test_a_problem_that_uses_little_of_its_look_ahead_goes_back_to_plain_requests(tokenizer):
@@ -192,7 +214,7 @@ def test_a_problem_that_uses_little_of_its_look_ahead_goes_back_to_plain_request
         lambda _: [request(P1, steps[:t]) for t in range(4)] + [request(P2)],  # four P1 particles, four contexts
         lambda out: [request(P1, steps[:4]), request(P2, steps[:1])],  # only the deepest P1 particle goes on
     ])
-    assert gen.lookahead._fate[("p1", P1.prompt)] == [0, 3]  # three dropped; the fourth was not used
+    assert gen._fate[("p1", P1.prompt)] == [0, 3]  # three dropped; the fourth was not used
     *_, last = [b for b in server.bodies]
     prompts = last["prompt"] if isinstance(last["prompt"], list) else [last["prompt"]]
     assert "stop" in last and prompts == [server.bases[0] + "".join(steps)]  # P1: a plain request

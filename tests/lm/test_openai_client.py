@@ -506,3 +506,119 @@ def test_merged_steps_without_logprobs_share_the_replys_completion_tokens(tokeni
     a, b = run(generator(FakeServer(respond), tokenizer, merge_prompts=256).generate_steps(
         [request(k=2), request(problem=P2)]))
     assert [s.tokens for s in a + b] == [3, 2, 2] and all(s.logprob is None for s in a + b)
+
+
+# -- the server's context length ------------------------------------------------------------------
+def too_long(tokenizer):
+    """A vLLM 0.32 server with a 64-token context: a request whose prompt + max_tokens does not fit is a 400."""
+    def respond(req, body, attempt):
+        prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+        longest = max(len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts)
+        if longest + body["max_tokens"] > 64:
+            return httpx.Response(400, json={"object": "error", "type": "BadRequestError", "code": 400,
+                                             "message": f"max_tokens={body['max_tokens']} cannot be greater than "
+                                                        f"max_model_len=64 minus the prompt"})
+        if isinstance(body["prompt"], list):
+            return list_steps(req, body, attempt)
+        return vllm_reply([vllm_choice(0, "1\n", finish="length")])
+
+    return respond
+
+
+def test_a_context_length_named_by_the_server_caps_max_tokens_from_then_on(tokenizer):
+    server = FakeServer(too_long(tokenizer))
+    gen = generator(server, tokenizer)
+    ((step,),) = run(gen.generate_steps([request(max_tokens=500)]))
+    assert not step.failed and gen.context_length == 64
+    room = 64 - gen.context_tokens(P1.prompt)
+    assert [b["max_tokens"] for b in server.bodies] == [500, room]  # learnt, then re-sent capped
+    run(gen.generate_steps([request(max_tokens=500)]))
+    assert server.bodies[-1]["max_tokens"] == room and len(server.bodies) == 3  # no second 400
+
+
+def test_a_merged_request_past_the_context_is_resent_one_by_one_each_capped(tokenizer):
+    server = FakeServer(too_long(tokenizer))
+    gen = generator(server, tokenizer, merge_prompts=256)
+    out = run(gen.generate_steps([request(max_tokens=500), request(problem=P2, max_tokens=500)]))
+    assert all(not o[0].failed for o in out) and gen.context_length == 64
+    first, *resent = server.bodies
+    assert isinstance(first["prompt"], list) and [isinstance(b["prompt"], str) for b in resent] == [True, True]
+    rooms = {64 - gen.context_tokens(p.prompt) for p in (P1, P2)}
+    assert {b["max_tokens"] for b in resent} == rooms
+
+
+# -- the client: one reply parser, bodies ---------------------------------------------------------
+def test_the_reply_parser_reads_completions_and_chat_choices_in_index_order():
+    from itscale.lm.completions import finish_of, parse_reply
+    from itscale.lm.http import Reply
+
+    reply = Reply(vllm_reply([vllm_choice(1, "b\n", stop_reason="\n"), vllm_choice(0, "a", finish="length")],
+                             prompt_tokens=9, cached=4), URL)
+    completion = parse_reply(reply, "completions", expected=2)
+    a, b = completion.choices
+    assert (a.text, a.finish_reason, b.text, b.stop_reason, b.stop_reported) == ("a", "length", "b\n", "\n", True)
+    assert b.tokens == ("b", "\n") and b.token_logprobs == (-0.5, -0.5) and b.logprobs == [-0.5, -0.5]
+    assert b.top_logprobs == ({"b": -0.5}, {"\n": -0.5})
+    assert (completion.prompt_tokens, completion.cached_tokens, completion.endpoint) == (9, 4, URL)
+    assert finish_of(b, ("\n",)) == ("b\n", "stop", None) and finish_of(a, ("\n",)) == ("a", "length", None)
+    with pytest.raises(BackendError, match=r"unexpected response shape \(ValueError: 2 choices for 3 prompts\)"):
+        parse_reply(reply, "completions", expected=3)
+    with pytest.raises(BackendError, match="unexpected response shape"):
+        parse_reply(Reply({"choices": [{"index": 0}]}, URL), "completions")
+    chat = {"choices": [{"index": 0, "message": {"content": "x\n"}, "finish_reason": "stop",
+                         "logprobs": {"content": [{"token": "x", "logprob": -1.0, "top_logprobs": []},
+                                                  {"token": "\n", "logprob": -0.5, "top_logprobs": []}]}}]}
+    (choice,) = parse_reply(Reply(chat, URL), "chat").choices
+    assert (choice.text, choice.logprobs, choice.tokens, choice.stop_reported) == ("x\n", [-1.0, -0.5], ("x", "\n"), False)
+
+
+def test_the_client_builds_bodies_and_leaves_unset_fields_out(tokenizer):
+    from itscale.lm import CompletionsClient
+    from itscale.lm.completions import Sampling
+
+    client = CompletionsClient(URL, MODEL, tokenizer=tokenizer, extra_body={"priority": 1})
+    body = client.completions_body(["a", "b"], Sampling(1, 0.0, logprobs=20, keep_stop_strings=False))
+    assert body == {"model": MODEL, "prompt": ["a", "b"], "max_tokens": 1, "temperature": 0.0, "logprobs": 20,
+                    "add_special_tokens": False, "priority": 1}
+    body = client.chat_body("q", "", Sampling(8, 0.5, top_p=0.9, n=2, seed=3, stop=("\n",)))
+    assert body["messages"] == [{"role": "user", "content": "q"}] and "continue_final_message" not in body
+    assert (body["n"], body["seed"], body["stop"], body["logprobs"]) == (2, 3, ["\n"], True)
+    assert body["stop_token_ids"] == list(client.stop_token_ids(("\n",))) and body["include_stop_str_in_output"]
+
+
+# -- module boundaries ---------------------------------------------------------------------------
+def test_the_look_ahead_module_does_not_import_the_generator_module():
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import itscale.lm.lookahead as lookahead
+
+    tree = ast.parse(Path(lookahead.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    assert not any(name and name.split(".")[-1] == "openai" for name in imported), imported  # not even for types
+    code = "import sys, itscale.lm.lookahead; assert 'itscale.lm.openai' not in sys.modules, 'imported'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_no_module_of_lm_or_rewards_reaches_into_another_objects_private_names():
+    """``x._name`` where ``x`` is not ``self``/``cls`` (``gen._body``, ``self.gen._generate``,
+    ``client._x``…), and ``from m import _name``: a module uses only others' public names."""
+    import ast
+    from pathlib import Path
+
+    import itscale
+
+    root = Path(itscale.__file__).parent
+    found = []
+    for path in sorted([*(root / "lm").glob("*.py"), *(root / "rewards").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: {ast.unparse(node)}")
+            elif isinstance(node, ast.ImportFrom):
+                found += [f"{path.relative_to(root)}:{node.lineno}: import {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert found == []

@@ -148,6 +148,18 @@ def test_scores_read_the_top_logprobs_right_after_each_tag(tok):
     assert out.tokens == sum(len(tok.encode(text[:e], add_special_tokens=False)) for e in ends)
 
 
+def test_a_scoring_request_holds_only_the_scoring_fields(tok, prm_model):
+    server = NextTokenServer(prm_model, tok)
+    remote = RemoteTagPRM(pool(server), "prm", tokenizer=tok, top_logprobs=5, extra_body={"priority": 2})
+    asyncio.run(remote.score_steps([ScoreRequest(P1, STEPS[:1])]))
+    plain = RemoteTagPRM(pool(server), "prm", tokenizer=tok, top_logprobs=5, extensions=False)
+    asyncio.run(plain.score_steps([ScoreRequest(P1, STEPS[:1])]))
+    first, second = server.bodies
+    assert set(first) == {"model", "prompt", "max_tokens", "temperature", "logprobs", "add_special_tokens", "priority"}
+    assert set(second) == {"model", "prompt", "max_tokens", "temperature", "logprobs"}  # standard fields only
+    assert plain.extensions is False and remote.http is remote.client.http
+
+
 def test_tag_score_bounds_and_token_id_keys():
     top = {"+": math.log(0.5), "a": math.log(0.3), "-": math.log(0.1), "b": math.log(0.05)}
     assert tag_score(top, ["+"], ["-"], 4) == (pytest.approx(0.5 / 0.6), False)

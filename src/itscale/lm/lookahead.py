@@ -1,4 +1,9 @@
-r"""Block-aligned look-ahead for step-by-step generation over HTTP (``OpenAIGenerator(kv_block=B)``).
+r"""Block-aligned look-ahead for step-by-step generation over HTTP (``Lookahead(generator, B)``).
+
+:class:`Lookahead` wraps an :class:`~itscale.lm.openai.OpenAIGenerator` that uses the
+completions API (``Lookahead(OpenAIGenerator(url, model, tokenizer=...), block=B)``)
+and is itself a generator; ``B`` is the server's KV block size in tokens (vLLM: 16 on
+GPU, 32 on CPU).
 
 Why: a server's prefix cache (vLLM's) reuses KV only in whole blocks of ``B`` tokens. A
 particle that stops at its step delimiter leaves the tail of its last block uncached,
@@ -23,9 +28,12 @@ as that particle's *look-ahead*:
 - It pays only where most particles go on. A problem whose kept look-ahead has been
   used less than half the time (beam search keeps one child in M, DVTS one in M) goes
   back to plain step requests that stop at the delimiter.
+- Whole-solution requests (no stop string), and every call of a generator with
+  ``merge_prompts=1`` (seeded, one request per StepRequest), go to the generator as they are.
 
 Requests are merged into ``/completions`` prompt lists (one per distinct ``max_tokens``),
-unseeded, as :class:`~itscale.lm.openai.OpenAIGenerator` merges them. A step's
+unseeded, as :class:`~itscale.lm.openai.OpenAIGenerator` merges them, through the
+generator's :class:`~itscale.lm.completions.CompletionsClient`. A step's
 ``prompt_tokens`` is the context tokens sent on its behalf (local tokenizer), its
 ``prefilled_tokens`` unknown. The alignment counts the prompt's tokens with the local
 tokenizer: right for a server that tokenizes the text the same way; otherwise it only
@@ -37,13 +45,11 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Protocol, Sequence
 
-from ..types import Step, StepRequest
-from .http import BackendError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .openai import OpenAIGenerator
+from ..types import Capabilities, Step, StepRequest
+from .completions import CompletionsClient, Sampling
+from .http import BackendError, EndpointPool
 
 __all__ = ["Lookahead", "cut_step", "split_tokens"]
 
@@ -113,23 +119,74 @@ class _Lane:
         return sum(n for _, _, n in self.pieces)
 
 
-class Lookahead:
-    """The look-ahead store and request loop of one :class:`OpenAIGenerator` (see the
-    module docstring); ``block`` is the server's KV block size in tokens."""
+class StepGenerator(Protocol):
+    """What :class:`Lookahead` wraps: an :class:`~itscale.lm.openai.OpenAIGenerator` (or
+    anything with its client, API, merge limit and plain ``generate_steps``)."""
 
-    def __init__(self, generator: "OpenAIGenerator", block: int):
+    client: CompletionsClient
+    api: str
+    merge_prompts: int
+    capabilities: Capabilities
+
+    async def generate_steps(self, requests: Sequence[StepRequest]) -> list[list[Step]]: ...
+
+    async def check(self) -> dict[str, list[str]]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Lookahead:
+    """A generator that serves step requests from block-aligned look-ahead (see the module
+    docstring) and everything else through ``generator``; ``block`` is the server's KV
+    block size in tokens. ``stats`` counts look-aheads reused, continuations started
+    fresh, prompts sent and look-ahead tokens dropped (charged to a step)."""
+
+    def __init__(self, generator: StepGenerator, block: int):
         if block < 1:
             raise ValueError(f"kv_block must be >= 1, got {block}")
-        self.gen, self.block = generator, int(block)
+        if generator.api != "completions":
+            raise ValueError("kv_block needs the completions API: pass the policy's tokenizer (tokenizer=FOLDER)")
+        self.generator, self.client, self.block = generator, generator.client, int(block)
         self.min_tokens = max(self.block // 2, 1)
         self._lanes: dict[tuple, list[_Lane]] = {}  # (owner, sampling, context) -> look-aheads there
         self._fate: dict[tuple[str, str], list[int]] = {}  # owner -> [look-aheads used, dropped]
         self.stats = {"reused": 0, "fresh": 0, "prompts": 0, "dropped_tokens": 0}
 
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.generator.capabilities
+
+    @property
+    def http(self) -> EndpointPool:
+        """The generator's pool (its ``usage`` counts look-ahead requests too)."""
+        return self.client.http
+
+    def clear_cache(self) -> None:
+        """Forget every look-ahead and what each problem made of it (e.g. between benchmark
+        phases, so that one phase's look-ahead is neither reused nor charged in the next)."""
+        self._lanes.clear()
+        self._fate.clear()
+
+    async def check(self) -> dict[str, list[str]]:
+        """Fail fast (BackendError) if a server is unreachable or does not serve the model."""
+        return await self.generator.check()
+
+    async def aclose(self) -> None:
+        await self.generator.aclose()
+
+    async def __aenter__(self) -> "Lookahead":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
     async def generate_steps(self, requests: Sequence[StepRequest]) -> list[list[Step]]:
         """Steps for ``requests``. Step requests (with stop strings) of problems where
         look-ahead pays are served here; the others (whole solutions, problems that use
-        little look-ahead) go through the generator's plain requests."""
+        little look-ahead, every request of a generator that does not merge) go through
+        the generator's plain requests."""
+        if self.generator.merge_prompts == 1:  # seeded, one request per StepRequest: no look-ahead
+            return await self.generator.generate_steps(requests)
         stepwise = [r for r in requests if r.k > 0 and r.stop]
         dropped = self._drop_unwanted(stepwise)
         usable: dict[tuple[str, str], int] = {}  # look-aheads this call can use, by problem
@@ -141,7 +198,7 @@ class Lookahead:
         plain = [i for i in range(len(requests)) if i not in chosen]
         out: list[list[Step]] = [[] for _ in requests]
         steps, plain_steps = await asyncio.gather(self._generate([requests[i] for i in ahead]),
-                                                  self.gen._generate([requests[i] for i in plain]))
+                                                  self.generator.generate_steps([requests[i] for i in plain]))
         for i, s in [*zip(ahead, steps), *zip(plain, plain_steps)]:
             out[i] = s
         for owner, tokens in dropped.items():
@@ -212,7 +269,7 @@ class Lookahead:
         room = (-n) % self.block + 1
         while room < self.min_tokens:
             room += self.block
-        limit = self.gen.context_length
+        limit = self.client.context_length
         return room if limit is None else min(room, limit - n)
 
     async def _extend(self, requests: Sequence[StepRequest], todo: list[tuple[int, _Lane]]) -> None:
@@ -221,7 +278,7 @@ class Lookahead:
         for i, lane in todo:
             r = requests[i]
             text = lane.context + "".join(piece for piece, _, _ in lane.pieces)
-            n = self.gen.context_tokens(r.problem.prompt, text)
+            n = self.client.context_tokens(r.problem.prompt, text)
             lane.prompt_tokens += n
             room = self._room(n)
             if room < 1:  # the context is full
@@ -229,40 +286,34 @@ class Lookahead:
                 continue
             key = (r.params.temperature, r.params.top_p, room)
             groups.setdefault(key, []).append((i, lane, text, room))
-        chunks = [items[j:j + self.gen.merge_prompts] for items in groups.values()
-                  for j in range(0, len(items), self.gen.merge_prompts)]
+        size = self.generator.merge_prompts
+        chunks = [items[j:j + size] for items in groups.values() for j in range(0, len(items), size)]
         await asyncio.gather(*(self._send(requests, chunk) for chunk in chunks))
 
     async def _send(self, requests: Sequence[StepRequest], chunk: list[tuple[int, _Lane, str, int]]) -> None:
-        first = requests[chunk[0][0]]
-        body = self.gen._body(replace(first, stop=()), 1, None)
-        body["max_tokens"] = chunk[0][3]
-        body["prompt"] = [self.gen.context_text(requests[i].problem.prompt, text) for i, _, text, _ in chunk]
+        """One merged request (no stop strings, no seed) extending every lane of ``chunk``."""
+        params = requests[chunk[0][0]].params
+        sampling = Sampling(chunk[0][3], params.temperature, params.top_p, n=1)
+        prompts = [self.client.context_text(requests[i].problem.prompt, text) for i, _, text, _ in chunk]
         self.stats["prompts"] += len(chunk)
         try:
-            reply = await self.gen.http.post("completions", body)
-            choices = sorted(reply.data["choices"], key=lambda c: c.get("index", 0))
-            if len(choices) != len(chunk):
-                raise BackendError(reply.endpoint, 200, f"{len(choices)} choices for {len(chunk)} prompts")
-            for (_, lane, _, room), choice in zip(chunk, choices):
-                lp = choice.get("logprobs") or {}
-                new = split_tokens(choice.get("text") or "", lp.get("tokens") or (), lp.get("token_logprobs") or ())
-                lane.pieces += new
-                reason = choice.get("finish_reason")
-                if reason == "stop":
-                    lane.ended = "eos"
-                elif reason == "length" and sum(n for _, _, n in new) < room:  # the context ran out first
-                    lane.ended = "length"
-                elif reason != "length":
-                    lane.error = f"{reply.endpoint}: the server ended the completion with finish_reason={reason!r}"
+            completion = self.client.parse(await self.client.post_completions(prompts, sampling), expected=len(chunk))
         except BackendError as err:
-            if self.gen._learn_context_length(err):
+            if self.client.learn_context_length(err):
                 return  # the rooms are recomputed with the context length now known
             for _, lane, _, _ in chunk:
                 lane.error = str(err)
-        except (KeyError, TypeError, ValueError) as err:
-            for _, lane, _, _ in chunk:
-                lane.error = f"unexpected response shape ({type(err).__name__}: {err})"
+            return
+        for (_, lane, _, room), choice in zip(chunk, completion.choices):
+            new = split_tokens(choice.text, choice.tokens or (), choice.token_logprobs or ())
+            lane.pieces += new
+            reason = choice.finish_reason
+            if reason == "stop":
+                lane.ended = "eos"
+            elif reason == "length" and sum(n for _, _, n in new) < room:  # the context ran out first
+                lane.ended = "length"
+            elif reason != "length":
+                lane.error = f"{completion.endpoint}: the server ended the completion with finish_reason={reason!r}"
 
     def _take_step(self, request: StepRequest, lane: _Lane) -> Step:
         """The lane's next step; what follows it is kept for the particle's next round."""

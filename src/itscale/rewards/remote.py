@@ -1,9 +1,15 @@
-r"""Process reward models behind an HTTP server (design 6, PRM styles a and b).
+r"""Process reward models behind an HTTP server.
+
+Both talk to their server through a :class:`~itscale.lm.completions.CompletionsClient`
+(the pool, the tokenizer, the chat prompt, posting and reply parsing) and build their
+input with the shared :class:`~itscale.rewards.encoding.PRMEncoder`, so they read what
+the local PRMs read.
 
 :class:`RemoteTagPRM` — a tag-style causal-LM PRM (Math-Shepherd / RLHFlow, and the
 embedded PRM) served by any OpenAI-compatible completions server, scored from the
 next-token log-probabilities right after each step's tag. It builds exactly the text
-:class:`~itscale.rewards.hf.HFTagPRM` scores (:meth:`RemoteTagPRM.text`)::
+:class:`~itscale.rewards.hf.HFTagPRM` scores (:meth:`RemoteTagPRM.text`, the
+encoder's ``text`` with ``mark = tag`` and ``after = separator``)::
 
     chat_prompt(problem) + Σ_t (strip(s_t) + tag + separator)
 
@@ -45,8 +51,9 @@ a chat template that writes one, which shifts the scores.
 :class:`RemoteRewardPRM` — a token-classification PRM (Qwen2.5-Math-PRM style) behind
 vLLM's pooling API: ``POST {server}/pooling`` with ``{"model": M, "input": ids}``,
 where ``ids`` are built client-side exactly as
-:meth:`~itscale.rewards.hf.HFClassifierPRM.input_ids` does (prompt, then each step and
-a separator token). The reply's ``data[0].data`` holds one row per token (``ALL``
+:meth:`~itscale.rewards.hf.HFClassifierPRM.input_ids` does (the encoder's ``ids`` with
+``mark = separator token`` and nothing after it: prompt, then each step and a separator
+token). The reply's ``data[0].data`` holds one row per token (``ALL``
 pooling; rows at the separator positions are read) or one row per separator
 (``STEP`` pooling, vLLM's ``step_tag_id``); the score is ``row[positive_label]``
 (rows that are not probabilities are softmaxed first; a scalar row is the score).
@@ -69,10 +76,11 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
+from ..lm.completions import CompletionsClient, Sampling, unexpected_shape
 from ..lm.http import BackendError, EndpointPool, Reply
-from ..lm.loading import ChatPrompts, encode, single_token_id
-from ..lm.openai import make_pool, resolve_tokenizer
+from ..lm.loading import encode, single_token_id
 from ..types import Capabilities, ScoreRequest, StepScores
+from .encoding import PRMEncoder
 from .formats import EMBEDDED_TAG_FORMAT, TagFormat
 from .prefix_cache import PrefixScores
 
@@ -127,29 +135,44 @@ def tag_score(top: Mapping[str, float], good: Sequence[str], bad: Sequence[str],
 
 
 class _RemoteScorer:
-    """HTTP, prompt text, prefix cache and failure handling shared by the remote PRMs."""
+    """The client, prefix cache and failure handling shared by the remote PRMs."""
 
     def _setup(self, base_url, model, tokenizer, system_prompt, delimiter, cache_size, n_parameters, extra_body,
-               **http: Any) -> None:
-        self.http: EndpointPool = make_pool(base_url, **http)
-        self.model = str(model)
-        self.tokenizer = resolve_tokenizer(tokenizer, self.model)
-        if self.tokenizer is None:
+               extensions: bool = True, **http: Any) -> None:
+        self.client = CompletionsClient(base_url, model, tokenizer=tokenizer, api="completions",
+                                        system_prompt=system_prompt, extensions=extensions, extra_body=extra_body,
+                                        **http)
+        if self.client.tokenizer is None:
             raise ValueError(
                 f"{type(self).__name__} needs the PRM's tokenizer to build its input exactly: pass tokenizer=FOLDER "
                 "(or a tokenizer object), or a local model folder as model"
             )
         self.system_prompt, self.delimiter = system_prompt, delimiter
-        self.cache_size, self.extra_body = int(cache_size), dict(extra_body or {})
+        self.cache_size = int(cache_size)
         self.capabilities = Capabilities(n_parameters=n_parameters, server_batching=True)
         self.stats = RemotePRMStats()
         self._scores = PrefixScores(self.cache_size)
-        self._chat_prompts = ChatPrompts(self.tokenizer, system_prompt)
+
+    @property
+    def http(self) -> EndpointPool:
+        return self.client.http
+
+    @property
+    def model(self) -> str:
+        return self.client.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.client.tokenizer
+
+    @property
+    def extra_body(self) -> dict[str, Any]:
+        return self.client.extra_body
 
     # -- public API -------------------------------------------------------------------
     def chat_prompt(self, prompt: str) -> tuple[str, bool]:
         """The chat prompt text, and whether tokenizing it adds special tokens (as in HFTagPRM)."""
-        return self._chat_prompts(prompt)
+        return self.client.chat_prompt(prompt)
 
     async def score_steps(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
         self.stats.calls += 1
@@ -169,7 +192,7 @@ class _RemoteScorer:
 
     async def check(self) -> dict[str, list[str]]:
         """Fail fast (BackendError) if a server is unreachable or does not serve ``model``."""
-        return await self.http.check(self.model)
+        return await self.client.check()
 
     def clear_cache(self) -> None:
         self._scores.clear()
@@ -178,7 +201,7 @@ class _RemoteScorer:
         self.stats = RemotePRMStats()
 
     async def aclose(self) -> None:
-        await self.http.aclose()
+        await self.client.aclose()
 
     async def __aenter__(self):
         return self
@@ -196,7 +219,7 @@ class _RemoteScorer:
             try:
                 scores = self._read(request, reply)
             except (KeyError, IndexError, TypeError, ValueError) as err:
-                raise BackendError(reply.endpoint, 200, f"unexpected response shape ({type(err).__name__}: {err})") from err
+                raise unexpected_shape(reply.endpoint, err) from err
             tokens = int((reply.data.get("usage") or {}).get("prompt_tokens") or 0)
         except BackendError as err:
             self.stats.failed_steps += n
@@ -249,13 +272,19 @@ class RemoteTagPRM(_RemoteScorer):
         if merge_prompts < 1:
             raise ValueError(f"merge_prompts must be >= 1, got {merge_prompts}")
         self._setup(base_url, model, tokenizer, system_prompt, delimiter, cache_size, n_parameters, extra_body,
-                    api_key=api_key, max_concurrency=max_concurrency, timeout=timeout, retries=retries,
-                    transport=transport)
-        self.format, self.top_logprobs, self.extensions = format, int(top_logprobs), bool(extensions)
+                    extensions=extensions, api_key=api_key, max_concurrency=max_concurrency, timeout=timeout,
+                    retries=retries, transport=transport)
+        self.format, self.top_logprobs = format, int(top_logprobs)
         self.merge_prompts = int(merge_prompts)
-        self._special = self.chat_prompt("")[1]  # whether tokenizing a prompt adds special tokens
+        self.encoder = PRMEncoder(self.tokenizer, format.tag, format.separator, delimiter=delimiter,
+                                  system_prompt=system_prompt)
+        self._special = self.encoder.adds_special_tokens()  # whether tokenizing a prompt adds special tokens
         self._good = self._keys(format.good, "the PRM good token")
         self._bad = self._keys(format.bad, "the PRM bad token")
+
+    @property
+    def extensions(self) -> bool:
+        return self.client.extensions
 
     def _keys(self, token: str, what: str) -> tuple[str, ...]:
         """The strings a token's top-logprob entry may be keyed by (its text, ``token_id:N``)."""
@@ -263,13 +292,7 @@ class RemoteTagPRM(_RemoteScorer):
 
     def text(self, request: ScoreRequest) -> tuple[str, list[int]]:
         """The exact text HFTagPRM scores, and the character offset where each tag ends."""
-        text = self.chat_prompt(request.problem.prompt)[0]
-        ends = []
-        for step in request.steps:
-            text += TagFormat.strip(step, self.delimiter) + self.format.tag
-            ends.append(len(text))
-            text += self.format.separator
-        return text, ends
+        return self.encoder.text(request.problem.prompt, request.steps)
 
     async def score_steps(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
         self.stats.calls += 1
@@ -308,21 +331,15 @@ class RemoteTagPRM(_RemoteScorer):
 
     async def _score_prompts(self, prompts: list[str]) -> list[float]:
         """One merged request: the tag score after each prompt; NaN for all (never raises) on failure."""
-        body: dict[str, Any] = {"model": self.model, "prompt": prompts, "max_tokens": 1, "temperature": 0.0,
-                                "logprobs": self.top_logprobs}
-        if self.extensions and not self._special:
-            body["add_special_tokens"] = False
-        body.update(self.extra_body)
+        sampling = Sampling(max_tokens=1, temperature=0.0, logprobs=self.top_logprobs, keep_stop_strings=False)
         try:
-            reply = await self.http.post("completions", body)
+            reply = await self.client.post_completions(prompts, sampling)
             self.stats.http_requests += 1
+            completion = self.client.parse(reply, expected=len(prompts))
             try:
-                choices = sorted(reply.data["choices"], key=lambda c: c.get("index", 0))
-                if len(choices) != len(prompts):
-                    raise ValueError(f"{len(choices)} choices for {len(prompts)} prompts")
-                tops = [c["logprobs"]["top_logprobs"][0] for c in choices]
-            except (KeyError, IndexError, TypeError, ValueError) as err:
-                raise BackendError(reply.endpoint, 200, f"unexpected response shape ({type(err).__name__}: {err})") from err
+                tops = [c.top_logprobs[0] for c in completion.choices]  # type: ignore[index]
+            except (IndexError, TypeError) as err:  # no top_logprobs
+                raise unexpected_shape(reply.endpoint, err) from err
         except BackendError as err:
             self.stats.failed_steps += len(prompts)
             self.stats.last_error = str(err)
@@ -372,22 +389,19 @@ class RemoteRewardPRM(_RemoteScorer):
         self._setup(base_url, model, tokenizer, system_prompt, delimiter, cache_size, n_parameters, extra_body,
                     api_key=api_key, max_concurrency=max_concurrency, timeout=timeout, retries=retries,
                     transport=transport)
-        self.separator_id = single_token_id(self.tokenizer, separator_token, "the separator token")
+        self.encoder = PRMEncoder(self.tokenizer, separator_token, "", delimiter=delimiter,
+                                  system_prompt=system_prompt, what="the separator token")
+        self.separator_id = self.encoder.mark_id
         self.positive_label, self.endpoint = int(positive_label), endpoint
 
     def input_ids(self, request: ScoreRequest) -> tuple[list[int], list[int]]:
         """The token ids sent and the index of every separator (as HFClassifierPRM.input_ids)."""
-        text, special = self.chat_prompt(request.problem.prompt)
-        ids, seps = encode(self.tokenizer, text, add_special_tokens=special), []
-        for step in request.steps:
-            ids += encode(self.tokenizer, TagFormat.strip(step, self.delimiter))
-            seps.append(len(ids))
-            ids.append(self.separator_id)
-        return ids, seps
+        encoded = self.encoder.encode(request.problem.prompt, request.steps)
+        return encoded.ids, encoded.marks
 
     async def _send(self, request: ScoreRequest) -> Reply:
         body = {"model": self.model, "input": self.input_ids(request)[0], **self.extra_body}
-        return await self.http.post(self.endpoint, body)
+        return await self.client.post(self.endpoint, body)
 
     def _read(self, request: ScoreRequest, reply: Reply) -> list[float]:
         ids, seps = self.input_ids(request)
