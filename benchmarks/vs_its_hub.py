@@ -105,7 +105,7 @@ from http_backend import SAMPLING, backends, parse_counters, root_of, warm_up  #
 from servers import BLOCK_SIZE, VLLM_VENV, prm_dir, start_vllms, vllm_missing_message  # noqa: E402
 
 from itscale import zoo  # noqa: E402
-from itscale.bench.backends import served_model  # noqa: E402
+from itscale.backends import served_model  # noqa: E402
 from itscale.bench.grading import Grader  # noqa: E402
 from itscale.bench.problems import load_problems  # noqa: E402
 from itscale.rewards.aggregate import aggregate  # noqa: E402

@@ -1,4 +1,4 @@
-"""The ``itscale`` command line (design 2): ``itscale demo | bench | serve | zoo ...``
+"""The ``itscale`` command line: ``itscale demo | bench | serve | zoo ...``
 (also ``python -m itscale``; ``itscale --version``).
 
 Each command group registers itself with one ``add_*_parser`` function and runs
@@ -220,6 +220,10 @@ def _bench_overrides(ns: argparse.Namespace) -> dict:
         over.setdefault("policy", {})["model"] = ns.policy
     if ns.prm:
         over.setdefault("prm", {})["model"] = ns.prm
+    for setting in ("device", "dtype"):  # for both models
+        if getattr(ns, setting):
+            for role in ("policy", "prm"):
+                over.setdefault(role, {})[setting] = getattr(ns, setting)
     return over
 
 
@@ -282,6 +286,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", type=int, help="problems in flight at once")
     p.add_argument("--policy", help="policy folder or http(s):// URL (overrides `policy.model`)")
     p.add_argument("--prm", help="PRM folder, http(s):// URL, or 'none' (overrides `prm.model`)")
+    p.add_argument("--device", help="where local models run: auto, cpu, cuda, cuda:N, mps (overrides "
+                                    "`policy.device` and `prm.device`)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="local models' dtype (overrides `policy.dtype` and `prm.dtype`)")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("demo", help="the embedded demo: 7 methods x budgets 1-16 on 100 held-out problems",
@@ -332,7 +340,9 @@ def _serve(ns: argparse.Namespace) -> int:
             policy=ns.policy, prm=ns.prm, prm_kind=ns.prm_kind, policy_served_model=ns.policy_served_model,
             prm_served_model=ns.prm_served_model, policy_tokenizer=ns.policy_tokenizer,
             prm_tokenizer=ns.prm_tokenizer, served_model_name=ns.served_model_name, format=ns.format,
-            threads=ns.threads, max_batch=ns.max_batch, temperature=ns.temperature, top_p=ns.top_p,
+            threads=ns.threads, max_batch=ns.max_batch, device=ns.device, dtype=ns.dtype,
+            policy_device=ns.policy_device, policy_dtype=ns.policy_dtype, prm_device=ns.prm_device,
+            prm_dtype=ns.prm_dtype, temperature=ns.temperature, top_p=ns.top_p,
             step_tokens=ns.step_tokens, default_method=ALIASES.get(default_method, default_method), default_budget=ns.default_budget,
             limits=limits, host=ns.host, port=ns.port, allow_open=ns.allow_open, max_running=ns.max_running,
             max_queue=ns.max_queue, request_timeout=ns.request_timeout, graceful_timeout=ns.graceful_timeout,
@@ -362,10 +372,11 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible server applying a scaling method per request",
                        description=SERVE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("models")
-    g.add_argument("--policy", default="embedded", help="'embedded', a Hugging Face folder, or an http(s):// "
-                                                         "OpenAI-compatible URL [embedded]")
+    g.add_argument("--policy", default="embedded", help="'embedded', a Hugging Face folder, a .gguf file, or "
+                                                         "http(s):// OpenAI-compatible URL(s), comma-separated "
+                                                         "[embedded]")
     g.add_argument("--prm", default="embedded", help="'embedded', a folder, a URL, or 'none' [embedded]")
-    g.add_argument("--prm-kind", default="tag", choices=["tag", "classifier"], help="how a PRM folder scores [tag]")
+    g.add_argument("--prm-kind", default="tag", choices=["tag", "classifier"], help="how the PRM scores steps [tag]")
     g.add_argument("--policy-served-model", help="model name on the policy URL (default: the only one)")
     g.add_argument("--prm-served-model", help="model name on the PRM URL (default: the only one)")
     g.add_argument("--policy-tokenizer", help="local tokenizer folder for a policy URL")
@@ -375,6 +386,15 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="step format (default: arithmetic for the embedded policy, math otherwise)")
     g.add_argument("--threads", type=int, help="torch CPU threads")
     g.add_argument("--max-batch", type=int, default=256, help="rows the local policy decodes together [256]")
+    dtypes = ["auto", "float32", "bfloat16", "float16"]
+    g.add_argument("--device", default="auto", help="where local models run: auto (CUDA when present), cpu, cuda, "
+                                                     "cuda:N, mps [auto]")
+    g.add_argument("--dtype", default="auto", choices=dtypes,
+                   help="local models' dtype (auto: float32, or the checkpoint's 16-bit dtype on a GPU) [auto]")
+    for role in ("policy", "prm"):
+        g.add_argument(f"--{role}-device", help=f"the {role.upper() if role == 'prm' else role}'s device "
+                                                "(default: --device)")
+        g.add_argument(f"--{role}-dtype", choices=dtypes, help="its dtype (default: --dtype)")
     g = p.add_argument_group("methods and limits")
     g.add_argument("--default-method",
                    help="method when a request names none [particle_filtering; self_consistency with --prm none]")

@@ -298,18 +298,19 @@ class SlowEcho:
             self.in_flight -= 1
 
 
-def test_merge_in_flight_batches_calls_that_arrive_during_a_call():
-    from itscale.serve.engine import MergeInFlight
+def test_a_local_backend_merges_calls_that_arrive_during_a_call():
+    from itscale.strategies.batching import BatchedGenerator, Coalescer
 
     async def main():
         inner = SlowEcho()
-        merged = MergeInFlight(inner)
+        coalescer = Coalescer()  # callers that are not members: each call is sent as soon as it may be
+        merged = BatchedGenerator(inner, coalescer)
         first = asyncio.create_task(merged.generate_steps(["a"]))
         await asyncio.sleep(0.001)  # "a" is in flight
         rest = [asyncio.create_task(merged.generate_steps([x, x + "2"])) for x in ("b", "c", "d")]
         assert await first == ["out-a"]
         assert await asyncio.gather(*rest) == [[f"out-{x}", f"out-{x}2"] for x in ("b", "c", "d")]
-        assert inner.calls == [["a"], ["b", "b2", "c", "c2", "d", "d2"]] and merged.calls == 2
+        assert inner.calls == [["a"], ["b", "b2", "c", "c2", "d", "d2"]] and coalescer.calls == {"policy": 2}
         # a failing merged call is retried per caller: only the bad one fails
         first = asyncio.create_task(merged.generate_steps(["e"]))
         await asyncio.sleep(0.001)

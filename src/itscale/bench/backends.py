@@ -1,53 +1,19 @@
-"""Policy and reward backends named by a bench configuration, plus wall-time accounting.
+"""The bench's backends: the policy and PRM its configuration names, timed.
 
-``model: embedded`` is the model pair shipped in :mod:`itscale.zoo`; an ``http(s)://``
-URL is an OpenAI-compatible server (vLLM, llama.cpp, ...) used through
-:class:`~itscale.lm.openai.OpenAIGenerator` / :class:`~itscale.rewards.remote.RemoteTagPRM`;
-any other value is a local Hugging Face folder. Loading is deferred until a sweep has
-work to do, and an HTTP server that is unreachable or does not serve the model fails
-here, before any work starts.
+Loading is :func:`itscale.backends.load_policy` / :func:`~itscale.backends.load_prm` (the
+one loader bench, serve and Python share); this module adds the bench's wall-time
+accounting (:class:`Timed`) and a warm-up call, so that no phase pays for first-call
+set-up. Loading is deferred until a sweep has work to do.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
+from ..backends import describe, load_policy, load_prm
 from ..strategies.batching import Wrapper
 from .config import BenchConfig
-
-
-def model_path(model: str, embedded: Path) -> Path:
-    return embedded if model == "embedded" else Path(model).expanduser()
-
-
-def served_model(url: str, wanted: str | None, field: str) -> str:
-    """The model id to request from ``url``: ``wanted`` if the server serves it, else the only one."""
-    import httpx
-
-    base = url.rstrip("/")
-    base = base if base.endswith("/v1") else base + "/v1"
-    try:
-        reply = httpx.get(base + "/models", timeout=10.0)
-        reply.raise_for_status()
-        ids = [m["id"] for m in reply.json().get("data", [])]
-    except (httpx.HTTPError, ValueError, KeyError) as err:
-        raise ValueError(f"{field}: cannot list the models of {base} ({type(err).__name__}: {err}); "
-                         "is the server running?") from None
-    if wanted is not None:
-        if wanted not in ids:
-            raise ValueError(f"{field}: {base} does not serve {wanted!r}; it serves {ids}")
-        return wanted
-    if len(ids) != 1:
-        raise ValueError(f"{field}: {base} serves {ids}; set served_model to choose one")
-    return ids[0]
-
-
-def _tokenizer_for(cfg, name: str, embedded: Path) -> str | None:
-    if cfg.tokenizer:
-        return str(model_path(cfg.tokenizer, embedded))
-    return name if Path(name).is_dir() else None
 
 
 class Timed(Wrapper):
@@ -85,50 +51,20 @@ class Backends:
 
 
 def load_backends(config: BenchConfig) -> Backends:
-    """Load the policy (and PRM) the configuration names."""
-    import torch
-
-    from .. import zoo
-    from ..lm import HFGenerator
-    from ..rewards import HFClassifierPRM, HFTagPRM
-
-    if config.policy.threads:
-        torch.set_num_threads(config.policy.threads)
+    """Load the policy (and PRM) the configuration names, timed and warmed up."""
     fmt = config.step_format()
-    if config.policy.is_http:
-        from ..lm.openai import OpenAIGenerator
-
-        name = served_model(config.policy.model, config.policy.served_model, "policy.model")
-        policy = OpenAIGenerator(config.policy.model, name, merge_prompts=config.policy.merge_prompts,
-                                 kv_block=config.policy.kv_block,
-                                 tokenizer=_tokenizer_for(config.policy, name, zoo.policy_path()))
-        description = {"policy": f"{config.policy.model} ({name})"}
-    else:
-        policy_dir = model_path(config.policy.model, zoo.policy_path())
-        policy = HFGenerator.from_pretrained(policy_dir, max_batch=config.policy.max_batch)
-        description = {"policy": str(policy_dir)}
-    prm = None
-    if config.prm.enabled and config.prm.is_http:
-        from ..rewards.remote import RemoteTagPRM
-
-        if config.prm.kind != "tag":
-            raise ValueError("prm.kind: an HTTP PRM is scored by prompt log-probabilities, so kind must be 'tag'")
-        name = served_model(config.prm.model, config.prm.served_model, "prm.model")
-        prm = Timed(RemoteTagPRM(config.prm.model, name, tokenizer=_tokenizer_for(config.prm, name, zoo.prm_path()),
-                                 delimiter=fmt.delimiter))
-        description["prm"] = f"{config.prm.model} ({name})"
-    elif config.prm.enabled:
-        prm_dir = model_path(config.prm.model, zoo.prm_path())
-        cls = HFTagPRM if config.prm.kind == "tag" else HFClassifierPRM
-        prm = Timed(cls.from_pretrained(prm_dir, delimiter=fmt.delimiter, max_batch=config.prm.max_batch))
-        description["prm"] = str(prm_dir)
-    backends = Backends(Timed(policy), prm, description)
+    policy = load_policy(config.policy)
+    description = {"policy": describe(config.policy, policy)}
+    prm = load_prm(config.prm, delimiter=fmt.delimiter)
+    if prm is not None:
+        description["prm"] = describe(config.prm, prm)
+    backends = Backends(Timed(policy), Timed(prm) if prm is not None else None, description)
     warm_up(backends, fmt)
     return backends
 
 
 def warm_up(backends: Backends, fmt) -> None:
-    """One tiny call to each backend, so that no phase's wall time pays for first-call set-up."""
+    """One tiny call to each local backend, so that no phase's wall time pays for first-call set-up."""
     from ..types import Problem, SamplingParams, ScoreRequest, StepRequest
 
     problem = Problem("warm-up", "Start at 1. Apply in order: +1.")

@@ -6,10 +6,13 @@ Example (YAML)::
       source: arithmetic:medium      # or a .jsonl / .parquet file with problem, answer[, id, level]
       limit: 100
     policy:
-      model: embedded                # or a local Hugging Face folder
+      model: embedded                # or a Hugging Face folder, a .gguf file, or http(s):// URL(s)
+      device: auto                   # auto | cpu | cuda | cuda:N | mps (a local model)
+      dtype: auto                    # auto | float32 | bfloat16 | float16
       temperature: 0.8
     prm:
-      model: embedded                # or a folder, or "none"
+      model: embedded                # the same choices, or "none"
+      kind: tag                      # tag | classifier
     format: arithmetic               # step format: arithmetic | math | {delimiter, answer_markers, max_steps}
     methods:
       - name: particle_filtering
@@ -20,7 +23,8 @@ Example (YAML)::
     seeds: [0]
     output: runs/medium
 
-Each method is checked against the strategy registry when the file is loaded: unknown
+``policy`` and ``prm`` are the backend specs of :mod:`itscale.backends.spec` (the
+policy adds its sampling settings). Each method is checked against the strategy registry when the file is loaded: unknown
 method names, unknown or invalid parameters, and budgets a method cannot run (a beam
 width that does not divide the budget) are reported before any model is loaded.
 """
@@ -35,6 +39,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..backends.spec import PolicySpec, PRMSpec
 from ..strategies import STRATEGIES, PooledStrategy, make_strategy
 from ..tasks import arithmetic
 from ..types import SamplingParams, StepFormat
@@ -70,59 +75,19 @@ class ProblemsConfig(_Strict):
         return value
 
 
-def _is_url(model: str) -> bool:
-    return model.startswith(("http://", "https://"))
+class PolicyConfig(PolicySpec):
+    """The policy (:class:`~itscale.backends.spec.PolicySpec`) and how it samples."""
 
-
-class _Backend(_Strict):
-    """Where a model lives: 'embedded', a local Hugging Face folder, or an OpenAI-compatible URL."""
-
-    @field_validator("model", check_fields=False)
-    @classmethod
-    def _a_model_that_exists(cls, value: str) -> str:
-        """A folder is checked here, before any output is written; URLs are checked when called."""
-        if value.lower() in ("embedded", "none") or _is_url(value):
-            return value
-        if not Path(value).is_dir():
-            raise ValueError(f"{value!r} is not a folder; give 'embedded', a local Hugging Face folder or an "
-                             "http(s):// URL of an OpenAI-compatible server")
-        return value
-
-    served_model: str | None = Field(None, description="model name on the server (default: the only one it serves)")
-    tokenizer: str | None = Field(None, description="local folder with the tokenizer/chat template for an HTTP "
-                                                    "model (default: the served name when it is a local folder)")
-
-    @property
-    def is_http(self) -> bool:
-        return _is_url(self.model)
-
-
-class PolicyConfig(_Backend):
-    model: str = Field("embedded", description="'embedded', a local Hugging Face folder, or an http(s):// URL")
     temperature: float = Field(0.8, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_step_tokens: int = Field(48, ge=1, description="token limit of one step")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
-    max_batch: int = Field(256, ge=1, description="rows decoded together")
-    merge_prompts: int = Field(256, ge=1, description="HTTP policy: contexts sent in one request (fast, but the "
-                                                      "server cannot seed them); 1 = one seeded request each")
-    kv_block: int | None = Field(None, ge=1, description="HTTP policy: the server's KV block size (vLLM: 16 on GPU, "
-                                                         "32 on CPU as the tests start it) for block-aligned look-ahead; "
-                                                         "unset: steps stop at the delimiter")
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_step_tokens=self.max_step_tokens)
 
 
-class PRMConfig(_Backend):
-    model: str = Field("embedded", description="'embedded', a local Hugging Face folder, an http(s):// URL, "
-                                               "or 'none'")
-    kind: Literal["tag", "classifier"] = Field("tag", description="how the folder scores steps")
-    max_batch: int = Field(128, ge=1, description="sequences scored together")
-
-    @property
-    def enabled(self) -> bool:
-        return self.model.lower() != "none"
+class PRMConfig(PRMSpec):
+    """The reward model (:class:`~itscale.backends.spec.PRMSpec`)."""
 
 
 class FormatConfig(_Strict):
@@ -230,11 +195,18 @@ class BenchConfig(_Strict):
 
     def backend_fingerprint(self) -> dict:
         """What the results depend on besides the method: models, sampling, format."""
-        local_only = {"threads", "max_batch"} | (set() if self.policy.is_http else {"merge_prompts", "kv_block"})
-        if self.policy.kv_block is None:  # stores written before the setting existed keep their keys
-            local_only.add("kv_block")
-        return {"policy": self.policy.model_dump(exclude=local_only),
-                "prm": self.prm.model_dump(exclude={"max_batch"}),
+        # placement and transport settings do not change a record; stores written before a
+        # setting existed keep their keys while it is at its default
+        placement = {"threads", "max_batch", "device", "api_key_env", "timeout", "retries", "max_concurrency"}
+        policy = placement | (set() if self.policy.is_http else {"merge_prompts", "kv_block"})
+        if self.policy.kv_block is None:
+            policy.add("kv_block")
+        prm = placement | {"merge_prompts"}
+        for spec, excluded in ((self.policy, policy), (self.prm, prm)):
+            if spec.dtype == "auto":
+                excluded.add("dtype")
+        return {"policy": self.policy.model_dump(exclude=policy),
+                "prm": self.prm.model_dump(exclude=prm),
                 "format": self.format if isinstance(self.format, str) else self.format.model_dump()}
 
     def method_hash(self, m: MethodConfig, problem_set_fingerprint: str) -> str:

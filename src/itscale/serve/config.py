@@ -12,7 +12,9 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..backends.spec import PolicySpec, PRMSpec
 
 from ..strategies import STRATEGIES
 
@@ -41,7 +43,8 @@ class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # models
-    policy: str = Field("embedded", description="'embedded', a Hugging Face folder, or an http(s):// URL")
+    policy: str = Field("embedded", description="'embedded', a Hugging Face folder, a .gguf file, or http(s):// "
+                                                 "URL(s), comma-separated")
     prm: str = Field("embedded", description="'embedded', a folder, an http(s):// URL, or 'none'")
     prm_kind: Literal["tag", "classifier"] = "tag"
     policy_served_model: str | None = None
@@ -54,6 +57,12 @@ class ServeConfig(BaseModel):
     threads: int | None = Field(None, ge=1)
     max_batch: int = Field(256, ge=1)
     prm_max_batch: int = Field(128, ge=1)
+    device: str = Field("auto", description="where local models run: auto | cpu | cuda | cuda:N | mps")
+    dtype: str = Field("auto", description="local models' dtype: auto | float32 | bfloat16 | float16")
+    policy_device: str | None = Field(None, description="the policy's device (default: device)")
+    policy_dtype: str | None = Field(None, description="the policy's dtype (default: dtype)")
+    prm_device: str | None = Field(None, description="the PRM's device (default: device)")
+    prm_dtype: str | None = Field(None, description="the PRM's dtype (default: dtype)")
     # sampling and methods
     temperature: float = Field(0.8, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -86,7 +95,28 @@ class ServeConfig(BaseModel):
             raise ValueError(f"default_budget: {self.default_budget} exceeds max_budget {self.limits.max_budget}")
         if self.format is not None and self.format not in FORMATS:
             raise ValueError(f"format: unknown step format {self.format!r}; choose one of {sorted(FORMATS)}")
+        for role, build in (("policy", self.policy_spec), ("prm", self.prm_spec)):
+            try:
+                build()
+            except ValidationError as err:
+                e = err.errors()[0]
+                field = str(e["loc"][0]) if e["loc"] else "model"
+                flag = role if field == "model" else (f"{role}_{field}" if field not in ("device", "dtype")
+                                                      or getattr(self, f"{role}_{field}") is not None else field)
+                raise ValueError(f"{flag}: {e['msg'].removeprefix('Value error, ')}") from None
         return self
+
+    def policy_spec(self) -> PolicySpec:
+        """The policy as a backend spec (:mod:`itscale.backends.spec`)."""
+        return PolicySpec(model=_models(self.policy), served_model=self.policy_served_model, tokenizer=self.policy_tokenizer,
+                          threads=self.threads, max_batch=self.max_batch, device=self.policy_device or self.device,
+                          dtype=self.policy_dtype or self.dtype)
+
+    def prm_spec(self) -> PRMSpec:
+        """The reward model as a backend spec (``model: none`` when there is none)."""
+        return PRMSpec(model=_models(self.prm), kind=self.prm_kind, served_model=self.prm_served_model,
+                       tokenizer=self.prm_tokenizer, max_batch=self.prm_max_batch,
+                       device=self.prm_device or self.device, dtype=self.prm_dtype or self.dtype)
 
     @property
     def prm_enabled(self) -> bool:
@@ -113,6 +143,12 @@ class ServeConfig(BaseModel):
             return self.served_model_name
         if self.policy == "embedded":
             return EMBEDDED_NAME
-        if self.policy.startswith(("http://", "https://")):
+        if self.policy_spec().is_http:
             return resolved_policy or self.policy_served_model or "remote"
         return Path(self.policy).expanduser().resolve().name
+
+
+def _models(value: str) -> str | list[str]:
+    """``URL1,URL2``: several servers of one model (load-balanced); anything else as it is."""
+    parts = [p.strip() for p in value.split(",")]
+    return parts if len(parts) > 1 and all(p.startswith(("http://", "https://")) for p in parts) else value

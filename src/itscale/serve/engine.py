@@ -3,17 +3,18 @@
 Batching across requests
 ------------------------
 The policy and PRM sit behind one :class:`~itscale.strategies.batching.Coalescer`
-(the bench's runner uses the same one): every running request is a member, and a
-round in which all of them wait on the policy becomes one backend call covering
-every live particle of every request. Requests join and leave at any time; one that
-arrives while a call is in flight is served with the next call.
+(the bench's runner uses the same mechanism): every running request is a member, and
+a round in which all of them wait on the policy becomes one backend call covering
+every live particle of every request. Requests join and leave at any time. A local
+backend runs one call at a time: calls that arrive while one is in flight are merged
+into the next (continuous batching at the granularity of a backend call). A backend
+that batches by itself (an HTTP server: ``capabilities.server_batching``) is called
+directly. A failing merged call is retried per request, so a failure reaches only the
+request it belongs to.
 
-A local backend runs one call at a time (a model on this machine), so requests that
-arrive while a call is running would otherwise queue behind it one by one.
-:class:`MergeInFlight` merges every call that arrives while one is in flight into a
-single next call (continuous batching at the granularity of a backend call). A
-backend that batches by itself (an HTTP server: ``capabilities.server_batching``) is
-called directly.
+A request's backend calls pass two wrappers: :class:`RequestPolicy` (its own view,
+below) and :class:`~itscale.strategies.batching.BatchedGenerator` (the shared batching),
+then the backend itself (likewise :class:`RequestPRM` and ``BatchedPRM``).
 
 Per-request view of the backends
 --------------------------------
@@ -28,14 +29,13 @@ Each request sees the shared backends through :class:`RequestPolicy` and
   them); a particle already at the cap gets an empty final step without a backend call.
 
 Randomness: each run draws from ``numpy.random.default_rng(seed)``; the backends'
-sampling seeds come from that stream (design 3.4), so a request with a ``seed`` is
+sampling seeds come from that stream, so a request with a ``seed`` is
 reproducible. Cancelling the task that runs a request (client gone, timeout,
 shutdown) stops it at its next backend call.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -45,7 +45,7 @@ import numpy as np
 
 from ..strategies import make_strategy
 from ..strategies.base import Strategy
-from ..strategies.batching import BatchedGenerator, BatchedPRM, Coalescer, Wrapper
+from ..strategies.batching import BatchedGenerator, BatchedPRM, Coalescer
 from ..types import Problem, Result, ScoreRequest, Step, StepFormat, StepRequest, StepScores
 from .config import ServeConfig
 from .errors import invalid
@@ -144,65 +144,6 @@ class RequestPRM:
         return out
 
 
-class MergeInFlight(Wrapper):
-    """One backend call in flight at a time; calls that arrive meanwhile are merged into
-    the next one. Results go back to each caller in order; if a merged call fails, each
-    caller's requests are retried on their own, so a failure reaches only its owner."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.calls = 0  # backend calls made (each covering one or more callers)
-        self._pending: list[tuple[str, list, asyncio.Future]] = []
-        self._busy = False
-
-    async def generate_steps(self, requests):
-        return await self._submit("generate_steps", requests)
-
-    async def score_steps(self, requests):
-        return await self._submit("score_steps", requests)
-
-    async def _submit(self, method: str, items: Sequence) -> list:
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append((method, list(items), future))
-        if not self._busy:
-            self._busy = True
-            asyncio.get_running_loop().create_task(self._drain())
-        return await future
-
-    async def _drain(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                for method in dict.fromkeys(m for m, _, _ in batch):
-                    await self._call(method, [(items, f) for m, items, f in batch if m == method])
-        finally:
-            self._busy = False
-
-    async def _call(self, method: str, group: list[tuple[list, asyncio.Future]]) -> None:
-        live = [(items, f) for items, f in group if not f.done()]  # skip callers already cancelled
-        if not live:
-            return
-        merged = [item for items, _ in live for item in items]
-        self.calls += 1
-        try:
-            results = await getattr(self.inner, method)(merged)
-            if len(results) != len(merged):
-                raise RuntimeError(f"backend returned {len(results)} results for {len(merged)} requests")
-        except Exception as err:
-            if len(live) == 1:
-                if not live[0][1].done():
-                    live[0][1].set_exception(err)
-                return
-            for one in live:
-                await self._call(method, [one])
-            return
-        start = 0
-        for items, f in live:
-            if not f.done():
-                f.set_result(list(results[start:start + len(items)]))
-            start += len(items)
-
-
 @dataclass
 class Run:
     """A prepared request: the strategy bound to this request's view of the backends."""
@@ -221,9 +162,8 @@ class Engine:
 
     def __init__(self, policy, prm, step_format: StepFormat, model_name: str, description: dict | None = None):
         self.coalescer = Coalescer()
-        self.backends = {"policy": _merged(policy), "prm": _merged(prm) if prm is not None else None}
-        self.policy = BatchedGenerator(self.backends["policy"], self.coalescer)
-        self.prm = BatchedPRM(self.backends["prm"], self.coalescer) if prm is not None else None
+        self.policy = BatchedGenerator(policy, self.coalescer)
+        self.prm = BatchedPRM(prm, self.coalescer) if prm is not None else None
         self.format = step_format
         self.model_name = model_name
         self.description = description or {}
@@ -232,26 +172,22 @@ class Engine:
 
     @classmethod
     def load(cls, config: ServeConfig, log: Callable[[str], None] = lambda m: None) -> "Engine":
-        """Load the models the configuration names, with the bench's loader (embedded,
-        folder or URL; an unreachable URL fails here, before the server listens)."""
-        from ..bench.backends import load_backends, served_model
-        from ..bench.config import BenchConfig, PolicyConfig, PRMConfig
+        """Load the models the configuration names with :mod:`itscale.backends` (an
+        unreachable URL fails here, before the server listens; torch is imported only
+        for a local model)."""
+        from ..backends import describe, load_policy, load_prm
+        from ..bench.config import FORMATS
 
-        bench = BenchConfig(
-            policy=PolicyConfig(model=config.policy, served_model=config.policy_served_model,
-                                tokenizer=config.policy_tokenizer, temperature=config.temperature,
-                                top_p=config.top_p, max_step_tokens=config.step_tokens, threads=config.threads,
-                                max_batch=config.max_batch),
-            prm=PRMConfig(model=config.prm, kind=config.prm_kind, served_model=config.prm_served_model,
-                          tokenizer=config.prm_tokenizer, max_batch=config.prm_max_batch),
-            format=config.step_format_name,
-            methods=[{"name": "greedy"}],
-        )
+        fmt = FORMATS[config.step_format_name]
+        policy_spec, prm_spec = config.policy_spec(), config.prm_spec()
         log(f"loading policy {config.policy!r} and PRM {config.prm!r}")
-        backends = load_backends(bench)
-        remote = served_model(config.policy, config.policy_served_model, "--policy") if bench.policy.is_http else None
-        return cls(backends.policy, backends.prm, bench.step_format(), config.model_name(remote),
-                   backends.description)
+        policy = load_policy(policy_spec, where="--policy")
+        prm = load_prm(prm_spec, delimiter=fmt.delimiter, where="--prm")
+        description = {"policy": describe(policy_spec, policy)}
+        if prm is not None:
+            description["prm"] = describe(prm_spec, prm)
+        remote = getattr(getattr(policy, "inner", policy), "model", None) if policy_spec.is_http else None
+        return cls(policy, prm, fmt, config.model_name(remote), description)
 
     def prepare(self, job: Job) -> Run:
         """Bind the job's method to this request's view of the backends; a 400 if the
@@ -269,7 +205,7 @@ class Engine:
 
     def backend_calls(self) -> dict[str, int]:
         """Calls made to each local backend (each serving one or more requests)."""
-        return {k: b.calls for k, b in self.backends.items() if isinstance(b, MergeInFlight)}
+        return dict(self.coalescer.calls)
 
     def _count(self, tokens: int) -> None:
         self.generated_tokens += tokens
@@ -283,7 +219,3 @@ class Engine:
         async with self.coalescer.member():
             return await run.strategy.run(Problem(job.id, job.problem), job.budget, rng)
 
-
-def _merged(backend):
-    caps = getattr(backend, "capabilities", None)
-    return backend if getattr(caps, "server_batching", False) else MergeInFlight(backend)

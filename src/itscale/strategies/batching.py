@@ -1,26 +1,38 @@
-"""Population batching across problems: one backend call per round, not per problem.
+"""Batching backend calls across concurrent tasks: one mechanism for the bench and the server.
 
-Many problems run as concurrent tasks, each awaiting its own backend calls. The
-:class:`Coalescer` holds each call until every active problem task is waiting on
-it (a structural barrier, not a timer), then issues a single backend call per kind
-covering all pending requests and hands each task its slice of the results.
+Many tasks (problems of a bench phase, requests to the server) run concurrently, each
+awaiting its own backend calls. They share one :class:`Coalescer`, and each backend sits
+behind a :class:`BatchedGenerator` / :class:`BatchedPRM` / :class:`BatchedOutcome` with
+the same protocol, so strategies never know they are batched.
 
-If a task awaits something that is not a coalesced call (its own I/O, a sleep),
-the barrier cannot be reached; the coalescer then flushes once the event loop has
-gone a full iteration without a new submission, so batching degrades gracefully
-instead of deadlocking.
+When a call is sent
+-------------------
+A submitted call waits in its *kind*'s queue (``policy``, ``prm``, ``outcome``). The
+queue is sent as one backend call covering every waiting request when
 
-A backend that batches concurrent calls itself (an HTTP server with continuous
-batching: ``Capabilities.server_batching``) is called directly by each task instead:
-one population call would return only when its slowest request does, holding every
-problem at the pace of the slowest step. Called per problem, problems drift apart,
-one problem's scoring overlaps another's generation (policy and PRM servers both stay
-busy), and the server keeps its batch full.
+1. every member task is waiting on some coalesced call (a structural barrier, not a
+   timer: the round is complete), or the event loop went a full iteration without a new
+   submission (some member awaits other I/O, so the barrier cannot be reached: batching
+   degrades gracefully instead of deadlocking); and
+2. for a *serial* backend (a model on this machine, which runs one call at a time: no
+   ``Capabilities.server_batching``), no call of that kind is in flight. Calls that arrive
+   while one is in flight wait and are sent together as soon as it returns (continuous
+   batching at the granularity of a backend call: the server's requests join and leave
+   at any time).
 
-``BatchedGenerator`` / ``BatchedPRM`` / ``BatchedOutcome`` wrap real backends with
-the same protocols, so strategies never know they are batched. When a combined call
-fails, each waiting task's requests are sent again on their own, so a failure reaches
-only the tasks whose own requests fail.
+A backend that batches concurrent calls itself (an HTTP server with continuous batching:
+``Capabilities.server_batching``) is called directly by each task instead: one
+population call would return only when its slowest request does, holding every task at
+the pace of the slowest step. Called per task, tasks drift apart, one task's scoring
+overlaps another's generation (policy and PRM servers both stay busy), and the server
+keeps its batch full.
+
+Failure isolation (the one path): when a combined call fails, each waiting task's
+requests are sent again on their own (one after another for a serial backend), so a
+failure reaches only the tasks whose own requests fail. A task cancelled while waiting
+(a client gone) is left out of the call.
+
+``Coalescer.calls`` counts the backend calls made per kind (retries included).
 """
 
 from __future__ import annotations
@@ -42,11 +54,19 @@ class _Pending:
 
 
 @dataclass
+class _Queue:
+    call: BackendCall
+    serial: bool
+    waiting: list[_Pending] = field(default_factory=list)
+    busy: bool = False
+
+
+@dataclass
 class Coalescer:
     active: int = 0
     waiting: int = 0
-    flushes: dict[str, int] = field(default_factory=dict)
-    _pending: dict[str, tuple[BackendCall, list[_Pending]]] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    _queues: dict[str, _Queue] = field(default_factory=dict)
     _check_scheduled: bool = False
     _submissions: int = 0
 
@@ -58,13 +78,16 @@ class Coalescer:
             yield self
         finally:
             self.active -= 1
-            if self._pending:
+            if any(q.waiting for q in self._queues.values()):
                 self._schedule_check()
 
-    async def submit(self, kind: str, call: BackendCall, items: Sequence[Any]) -> list[Any]:
+    async def submit(self, kind: str, call: BackendCall, items: Sequence[Any], serial: bool = False) -> list[Any]:
+        """``call(items)``'s results, sent together with the other tasks' waiting calls of ``kind``."""
         future = asyncio.get_running_loop().create_future()
-        _, queue = self._pending.setdefault(kind, (call, []))
-        queue.append(_Pending(list(items), future))
+        queue = self._queues.get(kind)
+        if queue is None:
+            queue = self._queues[kind] = _Queue(call, serial)
+        queue.waiting.append(_Pending(list(items), future))
         self.waiting += 1
         self._submissions += 1
         self._schedule_check()
@@ -82,44 +105,60 @@ class Coalescer:
 
     def _check(self, seen: int) -> None:
         self._check_scheduled = False
-        if not self._pending:
+        if not any(q.waiting for q in self._queues.values()):
             return
         if self.waiting >= self.active or self._submissions == seen:
             # everyone is waiting, or nothing new arrived for a whole iteration
             # (some member is awaiting other I/O): send what we have
-            self._flush()
+            for kind, queue in self._queues.items():
+                if queue.waiting and not (queue.serial and queue.busy):
+                    self._send(kind, queue)
         else:
             self._schedule_check()
 
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, {}
-        for kind, (call, queue) in pending.items():
-            self.flushes[kind] = self.flushes.get(kind, 0) + 1
-            asyncio.get_running_loop().create_task(self._dispatch(call, queue))
+    def _send(self, kind: str, queue: _Queue) -> None:
+        batch, queue.waiting = queue.waiting, []
+        queue.busy = True
+        asyncio.get_running_loop().create_task(self._run(kind, queue, batch))
 
-    @staticmethod
-    async def _dispatch(call: BackendCall, queue: list[_Pending]) -> None:
-        items = [item for p in queue for item in p.items]
+    async def _run(self, kind: str, queue: _Queue, batch: list[_Pending]) -> None:
         try:
-            results = await call(items)
+            await self._dispatch(kind, queue, batch)
+        finally:
+            queue.busy = False
+            if queue.serial and queue.waiting:  # arrived during the call: they have waited long enough
+                self._send(kind, queue)
+
+    async def _dispatch(self, kind: str, queue: _Queue, batch: list[_Pending]) -> None:
+        batch = [p for p in batch if not p.future.done()]  # a cancelled caller is left out
+        if not batch:
+            return
+        items = [item for p in batch for item in p.items]
+        self.calls[kind] = self.calls.get(kind, 0) + 1
+        try:
+            results = await queue.call(items)
             if len(results) != len(items):
                 raise RuntimeError(f"backend returned {len(results)} results for {len(items)} requests")
         except (KeyboardInterrupt, SystemExit, asyncio.CancelledError) as err:
-            for p in queue:
+            for p in batch:
                 if not p.future.done():
                     p.future.set_exception(err)
             raise
         except Exception as err:
-            if len(queue) == 1:
-                if not queue[0].future.done():
-                    queue[0].future.set_exception(err)
+            if len(batch) == 1:
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(err)
                 return
             # Isolate the failure: each waiting task retries its own requests alone, so
-            # one problem's bad request (or a transient error) fails that problem only.
-            await asyncio.gather(*(Coalescer._dispatch(call, [p]) for p in queue))
+            # one task's bad request (or a transient error) fails that task only.
+            if queue.serial:
+                for p in batch:
+                    await self._dispatch(kind, queue, [p])
+            else:
+                await asyncio.gather(*(self._dispatch(kind, queue, [p]) for p in batch))
             return
         start = 0
-        for p in queue:
+        for p in batch:
             if not p.future.done():
                 p.future.set_result(list(results[start : start + len(p.items)]))
             start += len(p.items)
@@ -140,15 +179,19 @@ class Wrapper:
             clear()
 
 
+def _server_batching(backend: Any) -> bool:
+    return bool(getattr(getattr(backend, "capabilities", None), "server_batching", False))
+
+
 @dataclass
 class BatchedGenerator(Wrapper):
     inner: Any
     coalescer: Coalescer
 
     async def generate_steps(self, requests):
-        if self.capabilities.server_batching:
+        if _server_batching(self.inner):
             return await self.inner.generate_steps(requests)
-        return await self.coalescer.submit("policy", self.inner.generate_steps, requests)
+        return await self.coalescer.submit("policy", self.inner.generate_steps, requests, serial=True)
 
 
 @dataclass
@@ -157,15 +200,16 @@ class BatchedPRM(Wrapper):
     coalescer: Coalescer
 
     async def score_steps(self, requests):
-        if self.capabilities.server_batching:
+        if _server_batching(self.inner):
             return await self.inner.score_steps(requests)
-        return await self.coalescer.submit("prm", self.inner.score_steps, requests)
+        return await self.coalescer.submit("prm", self.inner.score_steps, requests, serial=True)
 
 
 @dataclass
-class BatchedOutcome:
+class BatchedOutcome(Wrapper):
     inner: Any
     coalescer: Coalescer
 
     async def score_final(self, requests):
-        return await self.coalescer.submit("outcome", self.inner.score_final, requests)
+        return await self.coalescer.submit("outcome", self.inner.score_final, requests,
+                                           serial=not _server_batching(self.inner))

@@ -1,0 +1,164 @@
+"""Specs into backends: the one way bench, serve and Python load a policy or a reward model.
+
+:func:`load_policy` and :func:`load_prm` take a :class:`~itscale.backends.spec.PolicySpec` /
+:class:`~itscale.backends.spec.PRMSpec` (or its fields as keywords) and return an object
+that implements :class:`itscale.protocols.Generator` / :class:`~itscale.protocols.ProcessRewardModel`:
+
+=====================  ===========================================  ==========================================
+``model``              policy                                       reward model (``kind``)
+=====================  ===========================================  ==========================================
+``embedded``, folder,  :class:`~itscale.lm.hf.HFGenerator`          ``tag``: :class:`~itscale.rewards.hf.HFTagPRM`;
+``.gguf`` file         on ``device`` in ``dtype``                   ``classifier``: ``HFClassifierPRM``
+URL(s)                 :class:`~itscale.lm.openai.OpenAIGenerator`  ``tag``: :class:`~itscale.rewards.remote.RemoteTagPRM`;
+                       (wrapped in :class:`~itscale.lm.lookahead.   ``classifier``: ``RemoteRewardPRM``
+                       Lookahead` when ``kv_block`` is set)         (vLLM's ``/pooling``)
+=====================  ===========================================  ==========================================
+
+torch and transformers are imported only when a local model is loaded (an HTTP-only
+server never imports them). A URL is checked here, before any work starts: an
+unreachable server, or one that does not serve the model, is an error naming the field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .spec import PolicySpec, PRMSpec
+
+__all__ = ["describe", "load_policy", "load_prm", "served_model"]
+
+
+def load_policy(spec: PolicySpec | str | None = None, /, *, where: str = "policy", **fields: Any):
+    """The policy backend ``spec`` names (a spec, a model string, or ``None`` for the embedded
+    policy; ``fields`` override the spec's). ``where`` names the spec in error messages (``policy``
+    for a config file's section, ``--policy`` for a command-line flag)."""
+    spec = _spec(PolicySpec, spec, fields)
+    from .. import zoo
+
+    if spec.is_http:
+        from ..lm.openai import OpenAIGenerator
+
+        name = served_model(spec.urls, spec.served_model, _setting(where, "model"))
+        policy = OpenAIGenerator(spec.urls, name, tokenizer=_tokenizer(spec, name, zoo.policy_path()),
+                                 merge_prompts=spec.merge_prompts, **_http(spec, where))
+        if spec.kv_block is not None:
+            from ..lm.lookahead import Lookahead
+
+            return Lookahead(policy, spec.kv_block)
+        return policy
+    from ..lm import HFGenerator
+
+    _threads(spec.threads)
+    return HFGenerator.from_pretrained(spec.local_path(zoo.policy_path()), tokenizer=_local_tokenizer(spec),
+                                       device=spec.device, dtype=spec.dtype, max_batch=spec.max_batch)
+
+
+def load_prm(spec: PRMSpec | str | None = None, /, *, delimiter: str = "\n", where: str = "prm", **fields: Any):
+    """The reward model ``spec`` names, or ``None`` for ``model: none``. ``delimiter`` is the
+    policy's step delimiter (removed from each step before the PRM reads it)."""
+    spec = _spec(PRMSpec, spec, fields)
+    if not spec.enabled:
+        return None
+    from .. import zoo
+
+    if spec.is_http:
+        from ..rewards.remote import RemoteRewardPRM, RemoteTagPRM
+
+        name = served_model(spec.urls, spec.served_model, _setting(where, "model"))
+        common = dict(tokenizer=_tokenizer(spec, name, zoo.prm_path()), delimiter=delimiter, **_http(spec, where))
+        if spec.kind == "tag":
+            return RemoteTagPRM(spec.urls, name, merge_prompts=spec.merge_prompts, **common)
+        return RemoteRewardPRM(spec.urls, name, **common)
+    from ..rewards import HFClassifierPRM, HFTagPRM
+
+    cls = HFTagPRM if spec.kind == "tag" else HFClassifierPRM
+    return cls.from_pretrained(spec.local_path(zoo.prm_path()), tokenizer=_local_tokenizer(spec), delimiter=delimiter,
+                               device=spec.device, dtype=spec.dtype, max_batch=spec.max_batch)
+
+
+def describe(spec: PolicySpec | PRMSpec, backend: Any) -> str:
+    """One line for reports: the folder, or the URL(s) and the served name."""
+    if spec.is_http:
+        inner = getattr(backend, "inner", backend)  # (look-ahead wraps the generator)
+        return f"{', '.join(spec.urls)} ({getattr(inner, 'model', spec.served_model)})"
+    from .. import zoo
+
+    embedded = zoo.policy_path() if isinstance(spec, PolicySpec) else zoo.prm_path()
+    return str(spec.local_path(embedded))
+
+
+def served_model(urls: str | list[str], wanted: str | None, field: str) -> str:
+    """The model id to request: ``wanted`` if every server serves it, else the one model they serve."""
+    import httpx
+
+    from ..lm.http import normalize_base_url
+
+    chosen = None
+    for url in [urls] if isinstance(urls, str) else urls:
+        base = normalize_base_url(url)
+        try:
+            reply = httpx.get(base + "/models", timeout=10.0)
+            reply.raise_for_status()
+            ids = [m["id"] for m in reply.json().get("data", [])]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{field}: cannot list the models of {base} ({type(err).__name__}: {err}); "
+                             "is the server running?") from None
+        if wanted is not None and wanted not in ids:
+            raise ValueError(f"{field}: {base} does not serve {wanted!r}; it serves {ids}")
+        if wanted is None and len(ids) != 1:
+            raise ValueError(f"{field}: {base} serves {ids}; set served_model to choose one")
+        name = wanted or ids[0]
+        if chosen is not None and name != chosen:
+            raise ValueError(f"{field}: the servers serve different models ({chosen!r}, {name!r}); set served_model")
+        chosen = name
+    assert chosen is not None
+    return chosen
+
+
+# -- helpers --------------------------------------------------------------------------------
+def _spec(cls, spec, fields: dict):
+    if spec is None or isinstance(spec, (str, list)):
+        return cls(**({"model": spec} if spec is not None else {}), **fields)
+    if not isinstance(spec, cls):
+        raise TypeError(f"expected a {cls.__name__} or a model string, got {type(spec).__name__}")
+    return cls(**{**spec.model_dump(exclude_unset=True), **fields}) if fields else spec
+
+
+def _setting(where: str, field: str) -> str:
+    """A setting's name in errors: ``policy.model`` in a config file; ``--policy`` on the command line."""
+    if where.startswith("--"):
+        return where if field == "model" else f"{where}-{field.replace('_', '-')}"
+    return f"{where}.{field}"
+
+
+def _http(spec, where: str) -> dict[str, Any]:
+    key = None
+    if spec.api_key_env:
+        key = os.environ.get(spec.api_key_env)
+        if not key:
+            raise ValueError(f"{_setting(where, 'api_key_env')}: the environment variable {spec.api_key_env} is not set")
+    return {"api_key": key, "timeout": spec.timeout, "retries": spec.retries, "max_concurrency": spec.max_concurrency}
+
+
+def _tokenizer(spec, name: str, embedded: Path) -> str | None:
+    """For a URL: the tokenizer folder given, else the served name when it is a local folder."""
+    if spec.tokenizer:
+        return str(embedded if spec.tokenizer == "embedded" else Path(spec.tokenizer).expanduser())
+    return name if Path(name).is_dir() else None
+
+
+def _local_tokenizer(spec):
+    if not spec.tokenizer:
+        return None
+    from ..lm.loading import load_tokenizer
+
+    return load_tokenizer(Path(spec.tokenizer).expanduser())
+
+
+def _threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)

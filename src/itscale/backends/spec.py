@@ -1,0 +1,138 @@
+"""What a backend is made from: a validated spec for a policy or a reward model.
+
+A :class:`PolicySpec` or :class:`PRMSpec` names a model and how to run it; the
+:mod:`itscale.backends.load` functions turn it into a backend. The same specs sit in a
+bench configuration (``policy:`` / ``prm:``), behind ``itscale serve``'s flags, and behind
+``itscale.load_policy(...)`` / ``itscale.load_prm(...)``.
+
+``model`` is one of
+
+- ``embedded``: the model shipped in :mod:`itscale.zoo`;
+- a local Hugging Face folder (what ``save_pretrained`` writes);
+- a ``.gguf`` file (transformers loads it; needs the ``gguf`` package);
+- one or more ``http(s)://`` URLs of OpenAI-compatible servers (vLLM, llama.cpp, hosted
+  APIs), load-balanced;
+- ``none`` (a PRM only): no reward model.
+
+``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``) and ``dtype`` (``auto``,
+``float32``, ``bfloat16``, ``float16``) place a local model: ``auto`` picks CUDA when it
+is present (else MPS, else the CPU), and the checkpoint's 16-bit dtype on a GPU, float32
+otherwise (:func:`itscale.lm.loading.resolve_device`, ``resolve_dtype``). They are
+ignored for URLs. Everything here is checked without importing torch; whether a CUDA
+device is really present is checked when the model is loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = ["DEVICES", "DTYPES", "ModelSpec", "PRMSpec", "PolicySpec", "is_url"]
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+
+
+def is_url(model: str) -> bool:
+    return model.startswith(("http://", "https://"))
+
+
+class ModelSpec(BaseModel):
+    """Fields shared by policies and reward models (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | list[str] = Field("embedded", description="'embedded', a Hugging Face folder, a .gguf file, or "
+                                                           "one or more http(s):// URLs")
+    device: str = Field("auto", description="local model: auto | cpu | cuda | cuda:N | mps")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="local model: weights' dtype")
+    tokenizer: str | None = Field(None, description="folder (or .gguf file) with the tokenizer and chat template "
+                                                    "(default: the model's own; for a URL, the served name when it "
+                                                    "is a local folder)")
+    served_model: str | None = Field(None, description="URL: the model name on the server (default: the only one "
+                                                       "it serves)")
+    max_batch: int = Field(256, ge=1, description="local model: rows run together")
+    # HTTP settings
+    api_key_env: str | None = Field(None, description="URL: environment variable holding the API key")
+    timeout: float = Field(60.0, gt=0, description="URL: seconds per HTTP attempt")
+    retries: int = Field(4, ge=0, description="URL: extra attempts after 429, 5xx and connection errors")
+    max_concurrency: int = Field(64, ge=1, description="URL: HTTP requests in flight at once")
+    merge_prompts: int = Field(256, ge=1, description="URL: contexts sent in one request (fast, but the server "
+                                                      "cannot seed them); 1 = one seeded request each")
+
+    @field_validator("model")
+    @classmethod
+    def _a_model_that_exists(cls, value: str | list[str]) -> str | list[str]:
+        """URLs are checked when the backend is loaded; a folder or file here, before any output is written."""
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("give at least one URL")
+            bad = [v for v in value if not is_url(v)]
+            if bad:
+                raise ValueError(f"a list of models must be http(s):// URLs of one model's servers; {bad[0]!r} is not")
+            return value[0] if len(value) == 1 else value
+        if value.lower() in ("embedded", "none") or is_url(value):
+            return value
+        path = Path(value).expanduser()
+        if value.endswith(".gguf"):
+            if not path.is_file():
+                raise ValueError(f"{value!r}: no such .gguf file")
+            return value
+        if not path.is_dir():
+            what = "is a file, not a model folder" if path.is_file() else "is not a folder"
+            raise ValueError(f"{value!r} {what}; give 'embedded', a local Hugging Face folder, a .gguf file or an "
+                             "http(s):// URL of an OpenAI-compatible server")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _a_device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError(f"unknown device {value!r}; choose one of {', '.join(DEVICES)}")
+        return value
+
+    @property
+    def urls(self) -> list[str]:
+        """The server URLs (empty for a local model)."""
+        models = self.model if isinstance(self.model, list) else [self.model]
+        return [m for m in models if is_url(m)]
+
+    @property
+    def is_http(self) -> bool:
+        return bool(self.urls)
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.model == "embedded"
+
+    def local_path(self, embedded: Path) -> Path:
+        """The folder or .gguf file of a local model (``embedded``: the zoo's folder)."""
+        return embedded if self.is_embedded else Path(str(self.model)).expanduser()
+
+
+class PolicySpec(ModelSpec):
+    """A policy: the model that proposes steps."""
+
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    kv_block: int | None = Field(None, ge=1, description="URL: the server's KV block size (vLLM: 16 on GPU, 32 on "
+                                                         "CPU as the tests start it) for block-aligned look-ahead; "
+                                                         "unset: steps stop at the delimiter")
+
+
+class PRMSpec(ModelSpec):
+    """A process reward model; ``model: none`` for no reward model."""
+
+    model: str | list[str] = Field("embedded", description="'embedded', a Hugging Face folder, a .gguf file, one or "
+                                                           "more http(s):// URLs, or 'none'")
+    kind: Literal["tag", "classifier"] = Field("tag", description="how the model scores steps: 'tag' (a causal LM "
+                                                                  "read after a tag token) or 'classifier' (token "
+                                                                  "classification at a separator)")
+    max_batch: int = Field(128, ge=1, description="local model: sequences scored together")
+
+    @property
+    def enabled(self) -> bool:
+        return not (isinstance(self.model, str) and self.model.lower() == "none")
