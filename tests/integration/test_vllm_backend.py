@@ -29,14 +29,15 @@ pytest.importorskip("httpx")
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from servers import BLOCK_SIZE, FaultProxy, free_port, prm_dir, require_vllm, start_vllms  # noqa: E402
+from servers import BLOCK_SIZE, ROOT, FaultProxy, free_port, prm_dir, require_vllm, start_vllms  # noqa: E402
 
 from itscale import zoo  # noqa: E402
-from itscale.lm import BackendError, EndpointPool, HFGenerator, OpenAIGenerator  # noqa: E402
+from itscale.lm import BackendError, EndpointPool, HFGenerator, Lookahead, OpenAIGenerator  # noqa: E402
 from itscale.lm.loading import chat_prompt, encode  # noqa: E402
 from itscale.rewards import HFTagPRM  # noqa: E402
 from itscale.rewards.remote import RemoteTagPRM  # noqa: E402
 from itscale.strategies import make_strategy, run_many  # noqa: E402
+from itscale.testing.contracts import Case, GeneratorContract, PRMContract  # noqa: E402
 from itscale.tasks import arithmetic  # noqa: E402
 from itscale.types import SamplingParams, ScoreRequest, Step, StepRequest  # noqa: E402
 
@@ -96,9 +97,10 @@ def hf_prm():
 
 
 def policy(url: str, merge_prompts: int = 256, kv_block: int | None = None, **http) -> OpenAIGenerator:
-    """A generator for the embedded policy (tokenizer from the served folder); fast backoff."""
-    return OpenAIGenerator(EndpointPool(url, backoff_base=0.01, **http), str(POLICY), merge_prompts=merge_prompts,
-                           kv_block=kv_block)
+    """A generator for the embedded policy (tokenizer from the served folder); fast backoff;
+    wrapped in block-aligned look-ahead with ``kv_block``."""
+    gen = OpenAIGenerator(EndpointPool(url, backoff_base=0.01, **http), str(POLICY), merge_prompts=merge_prompts)
+    return gen if kv_block is None else Lookahead(gen, kv_block)
 
 
 def prm(url: str, **http) -> RemoteTagPRM:
@@ -146,6 +148,25 @@ def run_pf(gen, scorer, problems, budget):
 
 
 # -- the step contract --------------------------------------------------------------------
+
+class TestContractOfThePolicy(GeneratorContract):
+    """The shipped Generator suite on a real server: seeded requests, merged prompts, look-ahead."""
+
+    @pytest.fixture(params=["seeded", "merged", "look-ahead"])
+    def generator(self, request, policy_url):
+        return {"seeded": lambda: policy(policy_url, merge_prompts=1), "merged": lambda: policy(policy_url),
+                "look-ahead": lambda: policy(policy_url, kv_block=BLOCK_SIZE)}[request.param]()
+
+    @pytest.fixture
+    def contract_case(self, generator):
+        return Case(seeded=getattr(generator, "merge_prompts", None) == 1)
+
+
+class TestContractOfThePRM(PRMContract):
+    @pytest.fixture
+    def prm(self, prm_url):
+        return prm(prm_url)
+
 
 def test_steps_end_at_the_delimiter(policy_url):
     problems = PROBLEMS[:3]
@@ -398,3 +419,53 @@ def test_bench_with_http_policy_and_prm(policy_url, prm_url, tmp_path):
     assert all(r.generated_tokens > 0 for r in outcome.rows)
     assert outcome.rows[1].prm_tokens > 0
     assert (outcome.folder / "report.html").is_file()
+
+
+# -- itscale serve without torch ----------------------------------------------------------------
+HTTP_VENV = ROOT / ".venv-http"
+
+
+def test_an_http_only_server_needs_no_torch(policy_url, prm_url, tmp_path):
+    """``.venv-http`` (``make test`` creates it) has ``itscale[serve,tokenizer]`` (FastAPI, httpx,
+    transformers for the chat template) but no torch: ``itscale serve`` there puts particle
+    filtering in front of these servers and the official ``openai`` client gets an answer.
+    Any import of torch on that path would stop the server at start-up."""
+    import subprocess
+
+    import httpx
+    import openai
+
+    itscale = HTTP_VENV / "bin" / "itscale"
+    if not itscale.exists():
+        pytest.fail(f"{HTTP_VENV} is missing: run `make test` (it creates the environment without torch)")
+    probe = subprocess.run([str(HTTP_VENV / "bin" / "python"), "-c", "import torch"], capture_output=True, text=True)
+    assert probe.returncode != 0 and "No module named 'torch'" in probe.stderr  # the premise: no torch there
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(itscale), "serve", "--policy", policy_url, "--prm", prm_url, "--format", "arithmetic",
+                                 "--served-model-name", "tiny", "--port", str(port), "--no-access-log"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, f"the server exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"the server did not start in 90 s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        problem = arithmetic.eval_set("easy")[0]
+        reply = client.chat.completions.create(model="tiny:pf-4", seed=3, max_tokens=128,
+                                               messages=[{"role": "user", "content": problem.prompt}])
+        text = reply.choices[0].message.content
+        assert "Answer:" in text and reply.usage.completion_tokens > 0, text
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        print(f"torch-free server: {problem.prompt!r} -> {text!r}")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]

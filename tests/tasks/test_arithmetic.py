@@ -1,4 +1,4 @@
-"""The synthetic arithmetic task of the embedded model pair (design 7)."""
+"""The synthetic arithmetic task of the embedded model pair."""
 
 from __future__ import annotations
 

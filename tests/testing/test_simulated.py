@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from itscale.protocols import Generator, OutcomeScorer, ProcessRewardModel
+from itscale.protocols import OutcomeScorer
 from itscale.testing.simulated import SimulatedTask, count_tokens
 from itscale.types import SamplingParams, ScoreRequest, StepRequest
 
@@ -139,9 +139,8 @@ def test_invalid_task_arguments():
 
 
 # -- the policy ------------------------------------------------------------------------
-def test_backends_implement_the_protocols(task):
-    assert isinstance(task.policy(), Generator)
-    assert isinstance(task.prm(), ProcessRewardModel)
+def test_the_verifier_is_an_outcome_scorer_and_the_policy_declares_what_it_can_do(task):
+    # (the policy and PRM contracts: tests/testing/test_contracts.py)
     assert isinstance(task.verifier(), OutcomeScorer)
     assert task.policy().capabilities.logprobs and task.policy().capabilities.n_per_request
 

@@ -1,4 +1,4 @@
-"""The shipped embedded model pair loads like any Hub model and behaves sensibly (design 7).
+"""The shipped embedded model pair loads like any Hub model and behaves sensibly.
 
 These tests read the committed folders; they never train.
 """

@@ -1,4 +1,4 @@
-r"""Grading bench answers against reference answers (design 8).
+r"""Grading bench answers against reference answers.
 
 ``Grader.grade(prediction, reference)`` takes an *extracted* answer (see
 ``Grader.extract``) and decides equivalence in two stages:

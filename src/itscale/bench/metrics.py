@@ -3,7 +3,7 @@
 Definitions (per method × budget, over the n = problems × seeds graded records):
 
 * ``accuracy``: mean of the per-record score; a record scores 1 when its chosen answer is
-  correct, or the subsampling average in [0, 1] for the best-of-N family (design 8).
+  correct, or the subsampling average in [0, 1] for the best-of-N family.
   ``ci_low``/``ci_high``: the 95% Wilson interval for that mean over n.
 * ``coverage``: pass@budget. For the best-of-N family the unbiased estimator
   1 − C(N−c, b)/C(N, b) from N samples with c correct; for step-level methods, whether any

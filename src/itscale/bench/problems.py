@@ -1,4 +1,4 @@
-r"""Problem sets for the bench (design 8): bundled synthetic sets or JSONL/Parquet files.
+r"""Problem sets for the bench: bundled synthetic sets or JSONL/Parquet files.
 
 ``load_problems(source)`` takes either a bundled set, ``arithmetic:easy|medium|hard``
 (the task's own prompt format; a template is applied only when given explicitly), or

@@ -1,6 +1,6 @@
 """Observation models: how a scored step turns into a log-weight increment.
 
-The user names the target distribution by choosing one of these (design 4.2). The
+The user names the target distribution by choosing one of these. The
 driver calls ``await model.increments(states, finished, carry)`` once per step with
 only the particles that moved this step: their new states, whether each has just
 finished (the step limit counts as finishing), and a per-particle float ``carry``

@@ -1,6 +1,6 @@
 """The SMC driver: one loop that every particle method in itscale configures.
 
-Per step t = 1..T (design 4.1):
+Per step t = 1..T:
 
 1. (optional) expand every live, unfinished particle into k children, each with
    log-weight ℓ − log k, so the total mass is unchanged;

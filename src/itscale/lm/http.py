@@ -1,4 +1,4 @@
-r"""Async HTTP plumbing shared by the OpenAI-compatible backends (design 6).
+r"""Async HTTP plumbing shared by the OpenAI-compatible backends.
 
 :class:`EndpointPool` sends JSON requests to one or more servers that speak the
 OpenAI HTTP API (vLLM, llama.cpp's server, hosted APIs):

@@ -1,4 +1,4 @@
-"""Score aggregation across steps: an explicit, named choice (design 3.3).
+"""Score aggregation across steps: an explicit, named choice.
 
 Given per-step probabilities p_1..p_t of a partial solution:
 

@@ -1,4 +1,4 @@
-"""Step scores cached by step prefix, so an unchanged prefix is never scored twice (design 3.3).
+"""Step scores cached by step prefix, so an unchanged prefix is never scored twice.
 
 A PRM's score of step t depends only on the problem and steps 1..t, so it is stored under
 ``(prompt, steps[:t])``. A request hits the cache only when every one of its prefixes is

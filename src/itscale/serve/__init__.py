@@ -1,4 +1,4 @@
-"""``itscale serve``: an OpenAI-compatible server that applies a method per request (design 9).
+"""``itscale serve``: an OpenAI-compatible server that applies a method per request.
 
 Modules, in the order a request meets them:
 

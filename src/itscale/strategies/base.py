@@ -153,7 +153,7 @@ class PooledStrategy(Strategy):
 
     ``run`` draws the pool and calls :meth:`select`; the bench instead draws one pool of
     the largest budget N and evaluates every budget b ≤ N on random size-b subsets of it,
-    as is standard for the best-of-N family (design 8)."""
+    as is standard for the best-of-N family."""
 
     scored: ClassVar[bool] = False  # whether select() reads PRM/outcome scores
 

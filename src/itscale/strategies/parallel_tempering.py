@@ -1,4 +1,4 @@
-"""Parallel tempering over particle Gibbs chains (design 4.4).
+"""Parallel tempering over particle Gibbs chains.
 
 Chain m targets π_m(x) ∝ p(x)·exp(L(x)/T_m) with L(x) = Σ_t link(s_t(x)) the
 summed ``EveryStep`` log-potential of a complete solution at temperature 1, so

@@ -1,4 +1,4 @@
-"""Particle Gibbs: repeated conditional SMC sweeps (design 4.4).
+"""Particle Gibbs: repeated conditional SMC sweeps.
 
 Budget = particles × sweeps. Sweep 1 is plain particle filtering; after each sweep
 a reference trajectory is drawn ∝ final weight, and the next sweep is conditional

@@ -1,4 +1,4 @@
-"""The synthetic multi-step arithmetic task of the embedded model pair (design 7).
+"""The synthetic multi-step arithmetic task of the embedded model pair.
 
 A problem is a start value and 2–6 operations applied left to right::
 

@@ -1,4 +1,4 @@
-"""The embedded model pair (design 7): a tiny policy and a tiny process reward model.
+"""The embedded model pair: a tiny policy and a tiny process reward model.
 
 Both are Llama-architecture causal LMs over a character-level tokenizer, shipped in
 Hugging Face format inside the package, trained on the synthetic arithmetic task

@@ -1,4 +1,4 @@
-"""Near-miss solutions of the arithmetic task: the slips a PRM must catch (design 7).
+"""Near-miss solutions of the arithmetic task: the slips a PRM must catch.
 
 A *slip* replaces the result ``c`` of one operation line ``a op x = c`` by a nearby wrong
 value; the later lines compute correctly from the slipped value, as the policy does

@@ -1,4 +1,4 @@
-"""The character-level tokenizer shared by the embedded policy and PRM (design 7).
+"""The character-level tokenizer shared by the embedded policy and PRM.
 
 One token per character: every printable ASCII character, the newline (the step
 delimiter of the arithmetic task) and ``§`` (the PRM's step tag), plus a handful of

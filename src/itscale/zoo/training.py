@@ -1,4 +1,4 @@
-"""Training scripts of the embedded model pair (design 7).
+"""Training scripts of the embedded model pair.
 
 Run through the CLI (never by tests or CI)::
 
@@ -108,7 +108,7 @@ def n_parameters(model) -> int:
 
 
 def save_folder(model, tokenizer, out: Path, training_args: dict) -> None:
-    """``save_pretrained`` plus the fields other tooling needs (design 7)."""
+    """``save_pretrained`` plus the fields other tooling needs."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model.to(device="cpu", dtype=torch.float32)
