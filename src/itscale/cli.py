@@ -339,7 +339,7 @@ def _serve(ns: argparse.Namespace) -> int:
         config = ServeConfig(
             policy=ns.policy, prm=ns.prm, prm_kind=ns.prm_kind, policy_served_model=ns.policy_served_model,
             prm_served_model=ns.prm_served_model, policy_tokenizer=ns.policy_tokenizer,
-            prm_tokenizer=ns.prm_tokenizer, served_model_name=ns.served_model_name, format=ns.format,
+            prm_tokenizer=ns.prm_tokenizer, prm_step_tag=ns.prm_step_tag, served_model_name=ns.served_model_name, format=ns.format,
             threads=ns.threads, max_batch=ns.max_batch, device=ns.device, dtype=ns.dtype,
             policy_device=ns.policy_device, policy_dtype=ns.policy_dtype, prm_device=ns.prm_device,
             prm_dtype=ns.prm_dtype, temperature=ns.temperature, top_p=ns.top_p,
@@ -381,6 +381,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prm-served-model", help="model name on the PRM URL (default: the only one)")
     g.add_argument("--policy-tokenizer", help="local tokenizer folder for a policy URL")
     g.add_argument("--prm-tokenizer", help="local tokenizer folder for a PRM URL")
+    g.add_argument("--prm-step-tag", help="the PRM's one-token mark after each step: a tag PRM's tag [§; "
+                                          "Math-Shepherd: ки], a classifier's separator [<extra_0>]")
     g.add_argument("--served-model-name", help="model name clients use (default: 'tiny' for the embedded policy)")
     g.add_argument("--format", choices=["arithmetic", "math"],
                    help="step format (default: arithmetic for the embedded policy, math otherwise)")

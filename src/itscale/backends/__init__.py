@@ -7,7 +7,7 @@
 ``itscale.load_policy`` / ``itscale.load_prm`` are these functions.
 """
 
-from .load import describe, load_policy, load_prm, served_model
+from .load import check_placement, describe, load_policy, load_prm, served_model
 from .spec import PolicySpec, PRMSpec, is_url
 
-__all__ = ["PRMSpec", "PolicySpec", "describe", "is_url", "load_policy", "load_prm", "served_model"]
+__all__ = ["PRMSpec", "PolicySpec", "check_placement", "describe", "is_url", "load_policy", "load_prm", "served_model"]

@@ -27,7 +27,7 @@ from typing import Any
 
 from .spec import PolicySpec, PRMSpec
 
-__all__ = ["describe", "load_policy", "load_prm", "served_model"]
+__all__ = ["check_placement", "describe", "load_policy", "load_prm", "served_model"]
 
 
 def load_policy(spec: PolicySpec | str | None = None, /, *, where: str = "policy", **fields: Any):
@@ -50,6 +50,7 @@ def load_policy(spec: PolicySpec | str | None = None, /, *, where: str = "policy
         return policy
     from ..lm import HFGenerator
 
+    check_placement(spec, where)
     _threads(spec.threads)
     return HFGenerator.from_pretrained(spec.local_path(zoo.policy_path()), tokenizer=_local_tokenizer(spec),
                                        device=spec.device, dtype=spec.dtype, max_batch=spec.max_batch)
@@ -67,15 +68,30 @@ def load_prm(spec: PRMSpec | str | None = None, /, *, delimiter: str = "\n", whe
         from ..rewards.remote import RemoteRewardPRM, RemoteTagPRM
 
         name = served_model(spec.urls, spec.served_model, _setting(where, "model"))
-        common = dict(tokenizer=_tokenizer(spec, name, zoo.prm_path()), delimiter=delimiter, **_http(spec, where))
+        common = dict(tokenizer=_tokenizer(spec, name, zoo.prm_path()), delimiter=delimiter, **_http(spec, where),
+                      **_reading(spec))
         if spec.kind == "tag":
             return RemoteTagPRM(spec.urls, name, merge_prompts=spec.merge_prompts, **common)
         return RemoteRewardPRM(spec.urls, name, **common)
     from ..rewards import HFClassifierPRM, HFTagPRM
 
+    check_placement(spec, where)
     cls = HFTagPRM if spec.kind == "tag" else HFClassifierPRM
     return cls.from_pretrained(spec.local_path(zoo.prm_path()), tokenizer=_local_tokenizer(spec), delimiter=delimiter,
-                               device=spec.device, dtype=spec.dtype, max_batch=spec.max_batch)
+                               device=spec.device, dtype=spec.dtype, max_batch=spec.max_batch, **_reading(spec))
+
+
+def check_placement(spec: PolicySpec | PRMSpec, where: str = "policy") -> None:
+    """For a local model: ValueError naming the setting when its ``device`` is not present here
+    (a CUDA device without CUDA, …). Imports torch; a URL or ``none`` is not checked."""
+    if spec.is_http or (isinstance(spec, PRMSpec) and not spec.enabled):
+        return
+    from ..lm.loading import resolve_device
+
+    try:
+        resolve_device(spec.device)
+    except ValueError as err:
+        raise ValueError(f"{_setting(where, 'device')}: {err}") from None
 
 
 def describe(spec: PolicySpec | PRMSpec, backend: Any) -> str:
@@ -124,6 +140,17 @@ def _spec(cls, spec, fields: dict):
     if not isinstance(spec, cls):
         raise TypeError(f"expected a {cls.__name__} or a model string, got {type(spec).__name__}")
     return cls(**{**spec.model_dump(exclude_unset=True), **fields}) if fields else spec
+
+
+def _reading(spec: PRMSpec) -> dict[str, Any]:
+    """How the PRM reads a solution: the tag format (tag PRM) or the separator and label (classifier)."""
+    if spec.kind == "tag":
+        from ..rewards.formats import EMBEDDED_TAG_FORMAT, TagFormat
+
+        tag = spec.step_tag or EMBEDDED_TAG_FORMAT.tag
+        return {"format": TagFormat(tag=tag, good=spec.good_token, bad=spec.bad_token,
+                                    separator=EMBEDDED_TAG_FORMAT.separator)}
+    return {"separator_token": spec.step_tag or "<extra_0>", "positive_label": spec.positive_label}
 
 
 def _setting(where: str, field: str) -> str:

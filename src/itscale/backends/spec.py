@@ -117,6 +117,13 @@ class ModelSpec(BaseModel):
 class PolicySpec(ModelSpec):
     """A policy: the model that proposes steps."""
 
+    @field_validator("model")
+    @classmethod
+    def _a_policy(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str) and value.lower() == "none":
+            raise ValueError("a policy is needed: give 'embedded', a folder, a .gguf file or URL(s)")
+        return value
+
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
     kv_block: int | None = Field(None, ge=1, description="URL: the server's KV block size (vLLM: 16 on GPU, 32 on "
                                                          "CPU as the tests start it) for block-aligned look-ahead; "
@@ -132,6 +139,12 @@ class PRMSpec(ModelSpec):
                                                                   "read after a tag token) or 'classifier' (token "
                                                                   "classification at a separator)")
     max_batch: int = Field(128, ge=1, description="local model: sequences scored together")
+    step_tag: str | None = Field(None, description="the one-token mark after each step: a tag PRM's tag (default "
+                                                   "§, the embedded PRM's; Math-Shepherd: ки), a classifier's "
+                                                   "separator (default <extra_0>, Qwen2.5-Math-PRM's)")
+    good_token: str = Field("+", min_length=1, description="tag PRM: the token that means 'this step is right'")
+    bad_token: str = Field("-", min_length=1, description="tag PRM: the token that means 'this step is wrong'")
+    positive_label: int = Field(1, ge=0, description="classifier PRM: the label whose probability is the score")
 
     @property
     def enabled(self) -> bool:

@@ -203,8 +203,7 @@ class BenchConfig(_Strict):
             policy.add("kv_block")
         prm = placement | {"merge_prompts"}
         for spec, excluded in ((self.policy, policy), (self.prm, prm)):
-            if spec.dtype == "auto":
-                excluded.add("dtype")
+            excluded.update(k for k, default in _ADDED_LATER.items() if getattr(spec, k, default) == default)
         return {"policy": self.policy.model_dump(exclude=policy),
                 "prm": self.prm.model_dump(exclude=prm),
                 "format": self.format if isinstance(self.format, str) else self.format.model_dump()}
@@ -217,6 +216,10 @@ class BenchConfig(_Strict):
     def pool_hash(self, scoring: dict, problem_set_fingerprint: str) -> str:
         spec = {"pool": scoring, "problems": problem_set_fingerprint, **self.backend_fingerprint()}
         return _hash(spec)
+
+
+#: Settings added after stores existed, left out of the store key while at their defaults.
+_ADDED_LATER = {"dtype": "auto", "step_tag": None, "good_token": "+", "bad_token": "-", "positive_label": 1}
 
 
 class _Unbound:

@@ -44,6 +44,11 @@ def run_bench(config: BenchConfig, console: Console | None = None, *, title: str
     """Complete whatever the store is missing for ``config``, then write every output."""
     console = console or default_console()
     t0 = time.perf_counter()
+    if backends is None:  # a device that is not here fails before anything is written
+        from ..backends import check_placement
+
+        check_placement(config.policy, "policy")
+        check_placement(config.prm, "prm")
     folder = output_dir(config)
     folder.mkdir(parents=True, exist_ok=True)
     pset = load_problems(config.problems.source, template=config.problems.template, limit=config.problems.limit,

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..backends.spec import PolicySpec, PRMSpec
+from ..backends.spec import PolicySpec, PRMSpec, is_url
 
 from ..strategies import STRATEGIES
 
@@ -51,6 +51,7 @@ class ServeConfig(BaseModel):
     prm_served_model: str | None = None
     policy_tokenizer: str | None = None
     prm_tokenizer: str | None = None
+    prm_step_tag: str | None = Field(None, description="the PRM's one-token step mark (tag or separator)")
     served_model_name: str | None = Field(None, description="the model name clients use (default: derived)")
     format: str | None = Field(None, description="step format: arithmetic | math (default: arithmetic for the "
                                                  "embedded policy, math otherwise)")
@@ -115,7 +116,7 @@ class ServeConfig(BaseModel):
     def prm_spec(self) -> PRMSpec:
         """The reward model as a backend spec (``model: none`` when there is none)."""
         return PRMSpec(model=_models(self.prm), kind=self.prm_kind, served_model=self.prm_served_model,
-                       tokenizer=self.prm_tokenizer, max_batch=self.prm_max_batch,
+                       tokenizer=self.prm_tokenizer, max_batch=self.prm_max_batch, step_tag=self.prm_step_tag,
                        device=self.prm_device or self.device, dtype=self.prm_dtype or self.dtype)
 
     @property
@@ -151,4 +152,4 @@ class ServeConfig(BaseModel):
 def _models(value: str) -> str | list[str]:
     """``URL1,URL2``: several servers of one model (load-balanced); anything else as it is."""
     parts = [p.strip() for p in value.split(",")]
-    return parts if len(parts) > 1 and all(p.startswith(("http://", "https://")) for p in parts) else value
+    return parts if len(parts) > 1 and any(is_url(p) for p in parts) else value
