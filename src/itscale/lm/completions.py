@@ -500,3 +500,34 @@ class CompletionsClient:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.aclose()
+
+
+class OnClient:
+    """What every backend built on a :class:`CompletionsClient` (its ``client``) shares: the
+    client's settings as read-only attributes, and its lifetime (``check``, ``aclose``,
+    ``async with``)."""
+
+    client: CompletionsClient
+
+    http = property(lambda self: self.client.http, doc="The client's pool (its ``usage`` counts every request).")
+    model = property(lambda self: self.client.model, doc="The served model id.")
+    tokenizer = property(lambda self: self.client.tokenizer, doc="The tokenizer (None: the chat API).")
+    api = property(lambda self: self.client.api, doc="``completions`` or ``chat``.")
+    system_prompt = property(lambda self: self.client.system_prompt)
+    extra_body = property(lambda self: self.client.extra_body)
+    extensions = property(lambda self: self.client.extensions, doc="Whether vLLM's extension fields are sent.")
+    n_per_request = property(lambda self: self.client.n_per_request, doc="Whether the server honours ``n``.")
+    context_length = property(lambda self: self.client.context_length, doc="The server's context, once learnt.")
+
+    async def check(self) -> dict[str, list[str]]:
+        """Fail fast (BackendError) if a server is unreachable or does not serve ``model``."""
+        return await self.client.check()
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()

@@ -45,11 +45,11 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, Sequence
+from typing import Protocol, Sequence
 
 from ..types import Capabilities, Step, StepRequest
-from .completions import CompletionsClient, Sampling
-from .http import BackendError, EndpointPool
+from .completions import CompletionsClient, OnClient, Sampling
+from .http import BackendError
 
 __all__ = ["Lookahead", "cut_step", "split_tokens"]
 
@@ -135,7 +135,7 @@ class StepGenerator(Protocol):
     async def aclose(self) -> None: ...
 
 
-class Lookahead:
+class Lookahead(OnClient):
     """A generator that serves step requests from block-aligned look-ahead (see the module
     docstring) and everything else through ``generator``; ``block`` is the server's KV
     block size in tokens. ``stats`` counts look-aheads reused, continuations started
@@ -156,29 +156,11 @@ class Lookahead:
     def capabilities(self) -> Capabilities:
         return self.generator.capabilities
 
-    @property
-    def http(self) -> EndpointPool:
-        """The generator's pool (its ``usage`` counts look-ahead requests too)."""
-        return self.client.http
-
     def clear_cache(self) -> None:
         """Forget every look-ahead and what each problem made of it (e.g. between benchmark
         phases, so that one phase's look-ahead is neither reused nor charged in the next)."""
         self._lanes.clear()
         self._fate.clear()
-
-    async def check(self) -> dict[str, list[str]]:
-        """Fail fast (BackendError) if a server is unreachable or does not serve the model."""
-        return await self.generator.check()
-
-    async def aclose(self) -> None:
-        await self.generator.aclose()
-
-    async def __aenter__(self) -> "Lookahead":
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.aclose()
 
     async def generate_steps(self, requests: Sequence[StepRequest]) -> list[list[Step]]:
         """Steps for ``requests``. Step requests (with stop strings) of problems where

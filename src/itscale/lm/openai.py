@@ -65,7 +65,7 @@ from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
 from ..types import Capabilities, Step, StepRequest
-from .completions import Choice, Completion, CompletionsClient, Sampling, finish_of, split_evenly
+from .completions import Choice, Completion, CompletionsClient, OnClient, Sampling, finish_of, split_evenly
 from .http import BackendError, EndpointPool
 
 __all__ = ["BackendError", "OpenAIGenerator"]
@@ -76,7 +76,7 @@ def error_step(err: BackendError) -> Step:
     return Step("", 0, finish_reason="error", error=str(err))
 
 
-class OpenAIGenerator:
+class OpenAIGenerator(OnClient):
     """A policy served over the OpenAI HTTP API (see the module docstring for the steps and
     :mod:`itscale.lm.completions` for the HTTP contract).
 
@@ -130,42 +130,6 @@ class OpenAIGenerator:
             self._capabilities = replace(self._capabilities, n_per_request=supported)
         return self._capabilities
 
-    @property
-    def http(self) -> EndpointPool:
-        return self.client.http
-
-    @property
-    def model(self) -> str:
-        return self.client.model
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.client.tokenizer
-
-    @property
-    def api(self) -> str:
-        return self.client.api
-
-    @property
-    def system_prompt(self) -> str | None:
-        return self.client.system_prompt
-
-    @property
-    def extra_body(self) -> dict[str, Any]:
-        return self.client.extra_body
-
-    @property
-    def extensions(self) -> bool:
-        return self.client.extensions
-
-    @property
-    def n_per_request(self) -> bool | None:
-        return self.client.n_per_request
-
-    @property
-    def context_length(self) -> int | None:
-        return self.client.context_length
-
     def context_text(self, prompt: str, prefix: str = "") -> str:
         """The exact text sent as ``prompt`` to ``/completions`` (as HFGenerator.context_text)."""
         return self.client.context_text(prompt, prefix)
@@ -193,19 +157,6 @@ class OpenAIGenerator:
             for (i, _), s in zip(chunk, steps):
                 out[i] = s
         return out
-
-    async def check(self) -> dict[str, list[str]]:
-        """Fail fast (BackendError) if a server is unreachable or does not serve ``model``."""
-        return await self.client.check()
-
-    async def aclose(self) -> None:
-        await self.client.aclose()
-
-    async def __aenter__(self) -> "OpenAIGenerator":
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.aclose()
 
     # -- one request ------------------------------------------------------------------
     async def _serve(self, request: StepRequest) -> list[Step]:

@@ -76,7 +76,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
-from ..lm.completions import CompletionsClient, Sampling, unexpected_shape
+from ..lm.completions import CompletionsClient, OnClient, Sampling, unexpected_shape
 from ..lm.http import BackendError, EndpointPool, Reply
 from ..lm.loading import encode, single_token_id
 from ..types import Capabilities, ScoreRequest, StepScores
@@ -134,7 +134,7 @@ def tag_score(top: Mapping[str, float], good: Sequence[str], bad: Sequence[str],
     return p_good / (p_good + p_bad), bounded
 
 
-class _RemoteScorer:
+class _RemoteScorer(OnClient):
     """The client, prefix cache and failure handling shared by the remote PRMs."""
 
     def _setup(self, base_url, model, tokenizer, system_prompt, delimiter, cache_size, n_parameters, extra_body,
@@ -147,27 +147,10 @@ class _RemoteScorer:
                 f"{type(self).__name__} needs the PRM's tokenizer to build its input exactly: pass tokenizer=FOLDER "
                 "(or a tokenizer object), or a local model folder as model"
             )
-        self.system_prompt, self.delimiter = system_prompt, delimiter
-        self.cache_size = int(cache_size)
+        self.delimiter, self.cache_size = delimiter, int(cache_size)
         self.capabilities = Capabilities(n_parameters=n_parameters, server_batching=True)
         self.stats = RemotePRMStats()
         self._scores = PrefixScores(self.cache_size)
-
-    @property
-    def http(self) -> EndpointPool:
-        return self.client.http
-
-    @property
-    def model(self) -> str:
-        return self.client.model
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.client.tokenizer
-
-    @property
-    def extra_body(self) -> dict[str, Any]:
-        return self.client.extra_body
 
     # -- public API -------------------------------------------------------------------
     def chat_prompt(self, prompt: str) -> tuple[str, bool]:
@@ -190,24 +173,11 @@ class _RemoteScorer:
                 out[i] = StepScores(scores, 0)
         return out  # type: ignore[return-value]
 
-    async def check(self) -> dict[str, list[str]]:
-        """Fail fast (BackendError) if a server is unreachable or does not serve ``model``."""
-        return await self.client.check()
-
     def clear_cache(self) -> None:
         self._scores.clear()
 
     def reset_stats(self) -> None:
         self.stats = RemotePRMStats()
-
-    async def aclose(self) -> None:
-        await self.client.aclose()
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.aclose()
 
     # -- internals ----------------------------------------------------------------------
     async def _score_one(self, request: ScoreRequest) -> tuple[tuple[float, ...], int]:
