@@ -253,10 +253,13 @@ def _run_bench(config, title: str) -> int:
     from .bench.run import run_bench
 
     try:
-        run_bench(config, title=title)
+        outcome = run_bench(config, title=title)
     except (ProblemSetError, ValueError, FileNotFoundError) as err:
         print(f"itscale: {err}", file=sys.stderr)
         return 2
+    if outcome.results and outcome.errors == outcome.results:  # nothing but errors: the run did not work
+        print("itscale: every result is an error (see above); nothing was measured", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -81,3 +81,70 @@ def test_missing_files_and_folders_are_named_by_their_field_before_any_output(tm
 def test_a_config_path_that_is_a_folder_is_called_a_folder(tmp_path):
     done = itscale("bench", str(tmp_path), cwd=tmp_path)
     assert done.returncode == 2 and "is a folder" in done.stderr
+
+
+class RefusingServer:
+    """A real OpenAI-compatible HTTP server on loopback that lists one model and answers every
+    completion with 400 and its own message (what a server does with requests it will not serve)."""
+
+    MESSAGE = "this deployment refuses completions (test server)"
+
+    def __enter__(self):
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        message = self.MESSAGE
+        self.posts = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _reply(self, status, body):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._reply(200, {"object": "list", "data": [{"id": "policy", "object": "model"}]})
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                outer.posts += 1
+                self._reply(400, {"error": {"message": message, "type": "invalid_request_error"}})
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_policy_server_that_refuses_every_call_is_an_error_with_its_message_not_a_bad_model(tmp_path):
+    pytest.importorskip("httpx")
+    pytest.importorskip("transformers")
+    with RefusingServer() as server:
+        path = tmp_path / "bench.yaml"
+        path.write_text(f"problems: {{source: 'arithmetic:easy', limit: 2}}\n"
+                        f"policy: {{model: '{server.url}', tokenizer: embedded}}\nprm: {{model: none}}\n"
+                        "methods: [{name: greedy}, {name: self_consistency}, {name: adaptive_self_consistency}]\n"
+                        f"budgets: [1, 2]\noutput: {tmp_path / 'out'}\n")
+        done = itscale("bench", str(path), cwd=tmp_path)
+    assert server.posts > 0
+    assert done.returncode == 1, done.stdout + done.stderr
+    shown = " ".join(done.stdout.split())  # (rich wraps long lines)
+    assert f"HTTP 400: {RefusingServer.MESSAGE}" in shown and "10 of 10 results are errors" in shown, done.stdout
+    assert "every result is an error" in done.stderr and "Traceback" not in done.stderr
+    import csv
+
+    with open(tmp_path / "out" / "records.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(r["status"] == "error" and RefusingServer.MESSAGE in r["message"] for r in rows), rows[:2]

@@ -12,7 +12,7 @@ from itscale.strategies import STRATEGIES, make_strategy, run_many
 from itscale.types import StepFormat
 from itscale.tasks.answers import answer_key, extract_answer
 from itscale.testing import SimulatedTask
-from itscale.types import SamplingParams, ScoreRequest
+from itscale.types import Capabilities, SamplingParams, ScoreRequest, StepScores
 
 FORMAT = StepFormat(delimiter="\n\n", max_steps=12)
 SAMPLING = SamplingParams(temperature=1.0)
@@ -234,13 +234,26 @@ def test_parallel_tempering_reports_swaps(task):
     assert 0 <= r.extras["swaps_accepted"] <= 2
 
 
+class ZeroPRM:
+    """Scores every step NaN: each particle loses its weight (no backend failure)."""
+
+    capabilities = Capabilities()
+
+    async def score_steps(self, requests):
+        return [StepScores(tuple(float("nan") for _ in r.steps), 0) for r in requests]
+
+
 def test_failed_backend_calls_kill_particles_not_the_run(task):
     policy = task.policy(fail_rate=0.3)
     r = strategy("particle_filtering", task, policy=policy).solve(task.problems[9], 16, seed=0)
     assert r.ok and r.answer is not None
     doomed = make_strategy("particle_filtering", task.policy(fail_rate=1.0), task.prm(), format=FORMAT)
     dead = doomed.solve(task.problems[9], 4, seed=0)
-    assert dead.status == "all_dead" and dead.answer is None and "died" in dead.message
+    # a backend that fails every call is an error carrying its reason, not a wrong answer
+    assert dead.status == "error" and dead.answer is None and "simulated failure" in dead.message
+    # particles that die for want of weight (no backend failure) are still all_dead
+    none_right = make_strategy("particle_filtering", task.policy(), ZeroPRM(), format=FORMAT)
+    assert none_right.solve(task.problems[9], 4, seed=0).status == "all_dead"
 
 
 # -- population batching -------------------------------------------------------------------

@@ -11,10 +11,12 @@ from __future__ import annotations
 import csv
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .config import BenchConfig
@@ -37,6 +39,8 @@ class BenchOutcome:
     problems: int
     skipped_rows: tuple[str, ...] = ()
     files: dict[str, Path] = field(default_factory=dict)
+    errors: int = 0  # results whose run failed (a backend error, not a wrong answer)
+    results: int = 0
 
 
 def run_bench(config: BenchConfig, console: Console | None = None, *, title: str = "itscale bench",
@@ -96,7 +100,14 @@ def run_bench(config: BenchConfig, console: Console | None = None, *, title: str
     files = write_outputs(rows, records, folder, config_dump, environment, title, wall, len(pset.problems))
     print_table(rows, console)
     console.print(f"wrote {', '.join(str(p) for p in files.values())}")
-    return BenchOutcome(rows, folder, wall, len(phases), len(pset.problems), pset.skipped, files)
+    errors = Counter(r.message for r in records if r.status == "error")
+    if errors:  # a backend that failed is not a model that answers badly: say what it said
+        failed = sum(errors.values())
+        console.print(f"[red]{failed} of {len(records)} results are errors (counted as wrong); the most frequent:")
+        for message, n in errors.most_common(3):
+            console.print(Text(f"  {n}× {message}", style="red"))
+    return BenchOutcome(rows, folder, wall, len(phases), len(pset.problems), pset.skipped, files,
+                        errors=sum(errors.values()), results=len(records))
 
 
 def write_outputs(rows, records, folder: Path, config: dict, environment: dict, title: str, wall: float,

@@ -175,6 +175,8 @@ class Sweep:
                 particles, scores = await batched.sample_pool(ctx, phase.budget)
             except Exception as err:  # this problem's records say so; the others go on
                 return problem, None, None, None, f"{type(err).__name__}: {err}"
+            if all(p is None for p in particles) and ctx.failure_message():  # the backend failed every sample
+                return problem, None, None, None, ctx.failure_message()
             return problem, particles, scores, ctx.finish_cost(policy_params, prm_params), ""
 
         def on_done(item) -> None:

@@ -121,11 +121,7 @@ class ServerState:
             log.exception("%s: %s failed", job.id, job.method)
             raise ApiError(500, f"{job.method} failed: {type(err).__name__}: {err}", code="method_failed") from None
         if not result.ok or result.solution is None:
-            why = result.message or "every candidate failed"
-            failures = run.policy.errors
-            if failures:  # the backend's own words, e.g. a prompt longer than the model's context
-                top = max(failures, key=failures.get)
-                why += f"; the policy failed {sum(failures.values())} time(s), e.g. {top}"
+            why = result.message or "every candidate failed"  # (with the backend's own words when it failed)
             raise ApiError(502, f"{job.method} produced no answer ({result.status}: {why})", code="no_answer")
         return result
 

@@ -80,7 +80,6 @@ class RequestPolicy:
         self.inner, self.max_tokens, self.progress = inner, max_tokens, progress
         self.on_tokens = on_tokens
         self.capped: list[Step] = []  # steps that ended at the cap (kept alive: compared by identity)
-        self.errors: dict[str, int] = {}  # why continuations failed, and how often
 
     @property
     def capabilities(self):
@@ -107,9 +106,6 @@ class RequestPolicy:
             fixed = []
             stepwise = bool(requests[i].stop)  # a whole solution (stop=()) is finished anyway
             for step in steps:
-                if step.failed:
-                    reason = step.error or "unknown error"
-                    self.errors[reason] = self.errors.get(reason, 0) + 1
                 if stepwise and step.finish_reason == "length" and used[i] + step.tokens >= self.max_tokens:
                     step = dataclasses.replace(step, finish_reason="eos")  # ends the particle
                     self.capped.append(step)

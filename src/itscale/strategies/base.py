@@ -142,8 +142,12 @@ class Strategy(ABC):
         """Build a Result from final particles and their (unnormalised ≥ 0) weights."""
         cands = candidates(particles, weights, scores)
         if not cands:
-            return Result(ctx.problem, self.name, budget, None, None, (), ctx.cost, status="all_dead",
-                          message=fields.pop("message", "no candidate survived"), **fields)
+            failure = ctx.failure_message()  # the backend failed every time: an error, not a wrong answer
+            message = fields.pop("message", "no candidate survived")
+            if failure is None and ctx.failures:
+                message += f"; {sum(ctx.failures.values())} continuation(s) failed, e.g. {ctx.top_failure()}"
+            return Result(ctx.problem, self.name, budget, None, None, (), ctx.cost,
+                          status="error" if failure else "all_dead", message=failure or message, **fields)
         best = choose(cands, selection, self.answer_key, ctx.rng)
         return Result(ctx.problem, self.name, budget, best.answer, best.text, tuple(cands), ctx.cost, **fields)
 

@@ -41,6 +41,8 @@ class RunContext:
     aggregation: str = "last"
     cost: Cost = field(default_factory=Cost)
     started: float = field(default_factory=time.perf_counter)
+    failures: dict[str, int] = field(default_factory=dict)  # why continuations failed, and how often
+    produced: int = 0  # continuations that did not fail
 
     # -- policy ---------------------------------------------------------------------
     def _params(self, temperature: float | None = None) -> SamplingParams:
@@ -63,6 +65,11 @@ class RunContext:
         return outputs
 
     def _count(self, step: Step) -> None:
+        if step.failed:
+            reason = step.error or "unknown error"
+            self.failures[reason] = self.failures.get(reason, 0) + 1
+        else:
+            self.produced += 1
         self.cost.generated_tokens += step.tokens
         self.cost.prompt_tokens += step.prompt_tokens
         if step.prefilled_tokens is not None:
@@ -103,6 +110,17 @@ class RunContext:
         request = StepRequest(self.problem, (), n, params, ())
         (outputs,) = await self._generate([request])
         return [None if s.failed else self.particle_from_text(s) for s in outputs]
+
+    def failure_message(self) -> str | None:
+        """When every continuation the policy was asked for failed: why (its most frequent
+        reason), else None. Such a run is an error, not a wrong answer."""
+        if self.produced or not self.failures:
+            return None
+        return f"every candidate failed: the policy backend said {self.top_failure()}"
+
+    def top_failure(self) -> str | None:
+        """The most frequent reason a continuation failed, if any did."""
+        return max(self.failures.items(), key=lambda kv: kv[1])[0] if self.failures else None
 
     def particle_from_text(self, completion: Step) -> Particle:
         """A finished particle from a whole completion; its token counts go on the last step."""
