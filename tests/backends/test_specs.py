@@ -53,11 +53,16 @@ def test_a_spec_becomes_the_backend_its_model_names(monkeypatch):
     assert isinstance(load_prm(PRMSpec(device="cpu"), delimiter="\n"), HFTagPRM)
     assert load_prm("none") is None
 
-    served = {"http://policy-box:8000/v1/models": ["policy"], "http://prm-box:8000/v1/models": ["prm"]}
+    served = {"http://policy-box:8000/v1/models": [{"id": "policy", "max_model_len": 256}],
+              "http://prm-box:8000/v1/models": [{"id": "prm"}]}
     monkeypatch.setattr(httpx, "get", lambda url, timeout: httpx.Response(
-        200, json={"data": [{"id": i} for i in served[url]]}, request=httpx.Request("GET", url)))
+        200, json={"data": served[url]}, request=httpx.Request("GET", url)))
     remote = load_policy(URL, tokenizer="embedded")
     assert isinstance(remote, OpenAIGenerator) and remote.model == "policy" and remote.api == "completions"
+    # vLLM lists its context length: a prompt's room is known before any request
+    # the chat prompt of "1+1" is 6 tokens: <|user|> 1 + 1 <|end|> <|assistant|>
+    assert remote.context_length == 256 and remote.context_room("1+1") == 256 - 6
+    assert policy.context_room("1+1") == remote.context_room("1+1")  # (the local model: 256 positions)
     wrapped = load_policy(PolicySpec(model=URL, tokenizer="embedded", kv_block=32))
     assert isinstance(wrapped, Lookahead) and wrapped.generator.model == "policy"
     assert isinstance(load_prm("http://prm-box:8000", tokenizer="embedded"), RemoteTagPRM)

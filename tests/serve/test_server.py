@@ -310,3 +310,19 @@ def test_limits_of_the_api_key(server):
     # the same request with a bigger key is fine
     alice = openai.OpenAI(base_url=server.url, api_key=ALICE, max_retries=0)
     assert alice.chat.completions.create(model="tiny:bon-8", messages=msgs, max_tokens=64).choices
+
+
+def test_a_prompt_longer_than_the_context_is_a_400_naming_the_limit_and_not_retried(server):
+    """A 1 MB prompt: the embedded policy has 256 positions. The official client (its default two
+    retries) sends it once, gets a 400 naming the limit, and is told not to retry."""
+    patient = openai.OpenAI(base_url=server.url, api_key=ALICE)  # max_retries=2, the default
+    before = server.outcome("invalid"), server.outcome("error")
+    with pytest.raises(openai.BadRequestError) as err:
+        patient.chat.completions.create(model="tiny:pf-4", messages=[{"role": "user", "content": "1+1 " * 250_000}])
+    body = err.value.body
+    assert body["code"] == "context_length_exceeded" and body["param"] == "messages", body
+    assert "context is 256 tokens" in body["message"] and "prompt is 1000003 tokens" in body["message"], body["message"]
+    assert err.value.response.headers["x-should-retry"] == "false"
+    assert (server.outcome("invalid"), server.outcome("error")) == (before[0] + 1, before[1])  # sent once
+    # a prompt that fits is still answered
+    assert patient.chat.completions.create(model="tiny:greedy", messages=[{"role": "user", "content": PROBLEM}]).choices

@@ -40,9 +40,11 @@ def load_policy(spec: PolicySpec | str | None = None, /, *, where: str = "policy
     if spec.is_http:
         from ..lm.openai import OpenAIGenerator
 
-        name = served_model(spec.urls, spec.served_model, _setting(where, "model"))
+        name, entry = _served(spec.urls, spec.served_model, _setting(where, "model"))
         policy = OpenAIGenerator(spec.urls, name, tokenizer=_tokenizer(spec, name, zoo.policy_path()),
                                  merge_prompts=spec.merge_prompts, **_http(spec, where))
+        if isinstance(entry.get("max_model_len"), int):  # vLLM lists its context length
+            policy.client.context_length = entry["max_model_len"]
         if spec.kv_block is not None:
             from ..lm.lookahead import Lookahead
 
@@ -107,28 +109,34 @@ def describe(spec: PolicySpec | PRMSpec, backend: Any) -> str:
 
 def served_model(urls: str | list[str], wanted: str | None, field: str) -> str:
     """The model id to request: ``wanted`` if every server serves it, else the one model they serve."""
+    return _served(urls, wanted, field)[0]
+
+
+def _served(urls: str | list[str], wanted: str | None, field: str) -> tuple[str, dict]:
+    """:func:`served_model`, and the model's entry in the first server's list (vLLM's has ``max_model_len``)."""
     import httpx
 
     from ..lm.http import normalize_base_url
 
-    chosen = None
+    chosen: tuple[str, dict] | None = None
     for url in [urls] if isinstance(urls, str) else urls:
         base = normalize_base_url(url)
         try:
             reply = httpx.get(base + "/models", timeout=10.0)
             reply.raise_for_status()
-            ids = [m["id"] for m in reply.json().get("data", [])]
+            entries = {m["id"]: m for m in reply.json().get("data", [])}
         except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{field}: cannot list the models of {base} ({type(err).__name__}: {err}); "
                              "is the server running?") from None
+        ids = list(entries)
         if wanted is not None and wanted not in ids:
             raise ValueError(f"{field}: {base} does not serve {wanted!r}; it serves {ids}")
         if wanted is None and len(ids) != 1:
             raise ValueError(f"{field}: {base} serves {ids}; set served_model to choose one")
         name = wanted or ids[0]
-        if chosen is not None and name != chosen:
-            raise ValueError(f"{field}: the servers serve different models ({chosen!r}, {name!r}); set served_model")
-        chosen = name
+        if chosen is not None and name != chosen[0]:
+            raise ValueError(f"{field}: the servers serve different models ({chosen[0]!r}, {name!r}); set served_model")
+        chosen = chosen or (name, entries[name])
     assert chosen is not None
     return chosen
 
@@ -165,7 +173,8 @@ def _http(spec, where: str) -> dict[str, Any]:
     if spec.api_key_env:
         key = os.environ.get(spec.api_key_env)
         if not key:
-            raise ValueError(f"{_setting(where, 'api_key_env')}: the environment variable {spec.api_key_env} is not set")
+            raise ValueError(f"{_setting(where, 'api_key_env')}: the environment variable {spec.api_key_env} "
+                             "is not set")
     return {"api_key": key, "timeout": spec.timeout, "retries": spec.retries, "max_concurrency": spec.max_concurrency}
 
 

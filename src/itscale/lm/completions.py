@@ -519,6 +519,13 @@ class OnClient:
     n_per_request = property(lambda self: self.client.n_per_request, doc="Whether the server honours ``n``.")
     context_length = property(lambda self: self.client.context_length, doc="The server's context, once learnt.")
 
+    def context_room(self, prompt: str) -> int | None:
+        """Tokens the model's context leaves after ``prompt``'s chat prompt, once the server's
+        context length is known (from its model list or a reply) and a tokenizer counts; else None."""
+        if self.client.context_length is None or self.client.tokenizer is None:
+            return None
+        return self.client.context_length - self.client.context_tokens(prompt)
+
     async def check(self) -> dict[str, list[str]]:
         """Fail fast (BackendError) if a server is unreachable or does not serve ``model``."""
         return await self.client.check()

@@ -218,6 +218,13 @@ class HFGenerator:
     def clear_cache(self) -> None:
         self.store.clear()
 
+    def context_room(self, prompt: str) -> int | None:
+        """Positions the model has left after ``prompt``'s chat prompt (None: no known limit)."""
+        if not self.max_positions:
+            return None
+        text, special = self._chat_prompts(prompt)
+        return self.max_positions - len(encode(self.tokenizer, text, add_special_tokens=special))
+
     def context_text(self, prompt: str, prefix: str = "") -> str:
         """The exact text the model continues for a problem prompt and a solution prefix."""
         return self._chat_prompts(prompt)[0] + prefix

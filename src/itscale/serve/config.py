@@ -109,7 +109,8 @@ class ServeConfig(BaseModel):
 
     def policy_spec(self) -> PolicySpec:
         """The policy as a backend spec (:mod:`itscale.backends.spec`)."""
-        return PolicySpec(model=_models(self.policy), served_model=self.policy_served_model, tokenizer=self.policy_tokenizer,
+        return PolicySpec(model=_models(self.policy), served_model=self.policy_served_model,
+                          tokenizer=self.policy_tokenizer,
                           threads=self.threads, max_batch=self.max_batch, device=self.policy_device or self.device,
                           dtype=self.policy_dtype or self.dtype)
 

@@ -48,7 +48,7 @@ from ..strategies.base import Strategy
 from ..strategies.batching import BatchedGenerator, BatchedPRM, Coalescer
 from ..types import Problem, Result, ScoreRequest, Step, StepFormat, StepRequest, StepScores
 from .config import ServeConfig
-from .errors import invalid
+from .errors import ApiError, invalid
 from .jobs import Job
 
 
@@ -158,6 +158,7 @@ class Engine:
 
     def __init__(self, policy, prm, step_format: StepFormat, model_name: str, description: dict | None = None):
         self.coalescer = Coalescer()
+        self.backend = policy  # (for what it can tell about its context)
         self.policy = BatchedGenerator(policy, self.coalescer)
         self.prm = BatchedPRM(prm, self.coalescer) if prm is not None else None
         self.format = step_format
@@ -188,6 +189,7 @@ class Engine:
     def prepare(self, job: Job) -> Run:
         """Bind the job's method to this request's view of the backends; a 400 if the
         budget does not suit the method (e.g. not divisible by ``beam_width``)."""
+        self.check_context(job)
         progress = Progress()
         policy = RequestPolicy(self.policy, job.max_tokens, progress, self._count)
         prm = RequestPRM(self.prm, progress) if self.prm is not None else None
@@ -198,6 +200,18 @@ class Engine:
         except ValueError as err:
             raise invalid(f"{job.budget_param}: {err}", job.budget_param) from None
         return Run(job, strategy, policy, progress)
+
+    def check_context(self, job: Job) -> None:
+        """A 400 naming the context limit when the prompt leaves the model no room to answer
+        (when the policy can tell: a local model, or a server that listed its context length)."""
+        context_room = getattr(self.backend, "context_room", None)
+        room = context_room(job.problem) if context_room is not None else None
+        if room is not None and room < 1:
+            limit = getattr(self.backend, "max_positions", None) or getattr(self.backend, "context_length", None)
+            raise ApiError(400, f"messages: the prompt is {limit - room} tokens with the chat template, and the "
+                                f"model's context is {limit} tokens, which leaves no room for an answer; shorten "
+                                "the prompt", "messages", "context_length_exceeded",
+                           headers={"x-should-retry": "false"})
 
     def backend_calls(self) -> dict[str, int]:
         """Calls made to each local backend (each serving one or more requests)."""
