@@ -4,6 +4,7 @@ streaming, authentication, validation and limits (embedded models, real server).
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -326,3 +327,20 @@ def test_a_prompt_longer_than_the_context_is_a_400_naming_the_limit_and_not_retr
     assert (server.outcome("invalid"), server.outcome("error")) == (before[0] + 1, before[1])  # sent once
     # a prompt that fits is still answered
     assert patient.chat.completions.create(model="tiny:greedy", messages=[{"role": "user", "content": PROBLEM}]).choices
+
+
+def test_a_client_that_leaves_in_the_middle_of_its_body_is_counted_as_cancelled_without_a_traceback(server):
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(server.root)
+    before = server.outcome("cancelled")
+    with socket.create_connection((where.hostname, where.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {ALICE}\r\nContent-Length: 200\r\n\r\n".encode() + b'{"model": "ti')
+        time.sleep(0.3)  # the server is reading the body ...
+    # ... when the connection closes
+    server.wait_for(lambda m: m['itscale_requests_total{outcome="cancelled"}'] == before + 1, timeout=10,
+                    what="the half-sent request counted as cancelled")
+    log = server.log_text()
+    assert "ClientDisconnect" not in log and "Exception in ASGI application" not in log, log

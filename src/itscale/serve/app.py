@@ -37,6 +37,7 @@ from typing import Any, AsyncIterator, Literal
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..types import Result
 from .admission import Admission, Ticket
@@ -339,6 +340,8 @@ async def _read_json(request: Request, timeout: float) -> Any:
         raw = await asyncio.wait_for(request.body(), timeout)
     except TimeoutError:
         raise ApiError(408, f"the request body did not arrive within {timeout:g} s (--body-timeout)") from None
+    except ClientDisconnect:  # gone before its body arrived: counted as cancelled, nothing to answer
+        raise ApiError(CLIENT_CLOSED, "the client closed the connection before its request body arrived") from None
     if len(raw) > MAX_BODY_BYTES:
         raise ApiError(413, f"the request body has {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
     try:
