@@ -35,11 +35,22 @@ def test_greedy_runs_once_whatever_the_budgets():
     assert c.method_budgets(c.methods[0]) == [1]
 
 
+def test_a_method_runs_at_the_sweep_budgets_it_takes_or_at_its_own_and_says_so():
+    c = validate_config({"methods": [{"name": "beam_search"}, {"name": "parallel_tempering"},
+                                     {"name": "particle_filtering"}], "budgets": [1, 2, 4, 8, 16]})
+    beam, pt, pf = c.methods
+    assert c.method_budgets(beam) == [4, 8, 16]  # the sweep's budgets divisible by beam_width 4
+    assert c.method_budgets(pt) == [6, 12]  # none of the sweep's: multiples of chains × rounds = 6 up to 16
+    assert c.method_budgets(pf) == [1, 2, 4, 8, 16]
+    assert c.budget_notes() == ["beam_search: budgets [4, 8, 16] (it cannot run at [1, 2])",
+                                "parallel_tempering: budgets [6, 12] (it cannot run at [1, 2, 4, 8, 16])"]
+
+
 @pytest.mark.parametrize("data, fragment", [
     ({"methods": [{"name": "particle_filtering", "params": {"temperature": -1}}]},
      "methods[0].params: particle_filtering.temperature: Input should be greater than 0"),
-    ({"methods": [{"name": "beam_search"}], "budgets": [1, 2, 4, 8]},
-     "methods[0].budgets: beam_search: budget 1 is not divisible by beam_width 4; set budgets for this method, "
+    ({"methods": [{"name": "beam_search", "budgets": [1, 4]}], "budgets": [1, 2, 4, 8]},
+     "methods[0].budgets: beam_search: budget 1 is not divisible by beam_width 4; set budgets this method takes, "
      "e.g. budgets: [4, 8]"),
     ({"methods": [{"name": "nope"}]}, "methods[0].name: unknown method 'nope'; choose one of: "),
     ({"methods": [{"name": "greedy"}], "budgetz": [1]}, "budgetz: unknown setting"),

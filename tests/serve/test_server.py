@@ -344,3 +344,18 @@ def test_a_client_that_leaves_in_the_middle_of_its_body_is_counted_as_cancelled_
                     what="the half-sent request counted as cancelled")
     log = server.log_text()
     assert "ClientDisconnect" not in log and "Exception in ASGI application" not in log, log
+
+
+def test_an_alias_runs_at_the_default_budget_or_a_named_budget_is_refused_with_the_budgets_it_takes(server):
+    alice = openai.OpenAI(base_url=server.url, api_key=ALICE, max_retries=0)
+    msgs = [{"role": "user", "content": PROBLEM}]
+    r = alice.chat.completions.create(model="tiny:pt", messages=msgs, seed=0)  # default budget 4: not a multiple of 6
+    block = r.model_extra["itscale"]
+    assert block["method"] == "parallel_tempering" and block["budget"] == 6, block
+    assert block["warnings"] == ["itscale.budget: parallel_tempering cannot run at the server's default budget 4; "
+                                 "it ran at 6, the next budget it takes"]
+    with pytest.raises(openai.BadRequestError) as err:
+        alice.chat.completions.create(model="tiny:pt-8", messages=msgs)
+    body = err.value.body
+    assert body["code"] == "budget_not_supported" and body["param"] == "model", body
+    assert "it takes 6, 12, 18, 24, 30, 36, 42, 48, … (up to this key's limit of 64)" in body["message"], body

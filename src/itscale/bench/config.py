@@ -171,12 +171,13 @@ class BenchConfig(_Strict):
                 strategy = make_strategy(m.name, _UNBOUND, _UNBOUND, **m.params)
             except ValueError as err:
                 raise ValueError(f"{where}.params: {err}") from None
-            for b in self.method_budgets(m):
+            for b in m.budgets or ():  # (the sweep's budgets are fitted to the method: method_budgets)
                 try:
                     strategy.check_budget(b)
                 except ValueError as err:
-                    raise ValueError(f"{where}.budgets: {err}; set budgets for this method, e.g. "
-                                     f"budgets: {[x for x in self.budgets if _fits(strategy, x)] or '[...]'}") from None
+                    takes = strategy.budgets_up_to(max(max(m.budgets), max(self.budgets)))
+                    raise ValueError(f"{where}.budgets: {err}; set budgets this method takes, e.g. "
+                                     f"budgets: {takes[:6] or '[...]'}") from None
             if issubclass(cls, PooledStrategy) and m.budgets is not None:
                 raise ValueError(f"{where}.budgets: {m.name} is computed for every sweep budget from one pool; "
                                  "remove its budgets")
@@ -184,11 +185,25 @@ class BenchConfig(_Strict):
 
     # -- derived -------------------------------------------------------------------
     def method_budgets(self, m: MethodConfig) -> list[int]:
+        """The budgets ``m`` runs at: its own; else the sweep's that it can run at; else, when it
+        takes none of them (e.g. chains × rounds = 6 and budgets 1–16), the budgets it takes up to
+        the sweep's largest (:meth:`budget_notes` says so)."""
         if m.budgets is not None:
             return sorted(set(m.budgets))
         if m.name == "greedy":  # one sample whatever the budget
             return [1]
-        return list(self.budgets)
+        strategy = make_strategy(m.name, _UNBOUND, _UNBOUND, **m.params)
+        fitting = [b for b in self.budgets if strategy.fits(b)]
+        return fitting or strategy.budgets_up_to(max(self.budgets))
+
+    def budget_notes(self) -> list[str]:
+        """One line per method that runs at other budgets than the sweep's (see :meth:`method_budgets`)."""
+        notes = []
+        for m in self.methods:
+            if m.budgets is None and m.name != "greedy" and (runs := self.method_budgets(m)) != list(self.budgets):
+                notes.append(f"{m.key}: budgets {runs} (it cannot run at "
+                             f"{[b for b in self.budgets if b not in runs]})")
+        return notes
 
     def step_format(self) -> StepFormat:
         return FORMATS[self.format] if isinstance(self.format, str) else self.format.step_format()
@@ -229,14 +244,6 @@ class _Unbound:
 
 
 _UNBOUND = _Unbound()
-
-
-def _fits(strategy, budget: int) -> bool:
-    try:
-        strategy.check_budget(budget)
-    except ValueError:
-        return False
-    return True
 
 
 def _hash(spec: dict) -> str:

@@ -61,6 +61,8 @@ def run_bench(config: BenchConfig, console: Console | None = None, *, title: str
     environment = environment_info()
     config_dump = config.model_dump(mode="json")
     (folder / "config.json").write_text(json.dumps(config_dump, indent=2) + "\n")
+    for note in config.budget_notes():
+        console.print(f"[yellow]{note}")
     with Store(folder / DB_NAME) as store:
         phases = plan(config, pset.problems, fingerprint, store)
         todo = sum(len(p.todo) for p in phases)

@@ -187,8 +187,10 @@ class Engine:
         return cls(policy, prm, fmt, config.model_name(remote), description)
 
     def prepare(self, job: Job) -> Run:
-        """Bind the job's method to this request's view of the backends; a 400 if the
-        budget does not suit the method (e.g. not divisible by ``beam_width``)."""
+        """Bind the job's method to this request's view of the backends. A budget the method
+        cannot run at (not divisible by ``beam_width``, by chains × rounds …): when the server
+        chose it (the request named none), the smallest budget above it that the method takes,
+        with a warning; when the request named it, a 400 listing the budgets the method takes."""
         self.check_context(job)
         progress = Progress()
         policy = RequestPolicy(self.policy, job.max_tokens, progress, self._count)
@@ -196,9 +198,24 @@ class Engine:
         try:
             strategy = make_strategy(job.method, policy, prm, format=self.format, sampling=job.sampling,
                                      **job.params)
-            strategy.check_budget(job.budget)
         except ValueError as err:
-            raise invalid(f"{job.budget_param}: {err}", job.budget_param) from None
+            raise invalid(f"itscale.params: {err}", "itscale.params") from None
+        if not strategy.fits(job.budget):
+            takes = strategy.budgets_up_to(job.max_budget)
+            above = [b for b in takes if b >= job.budget]
+            if job.default_budget and above:
+                job = dataclasses.replace(job, budget=above[0], warnings=job.warnings + (
+                    f"itscale.budget: {job.method} cannot run at the server's default budget {job.budget}; "
+                    f"it ran at {above[0]}, the next budget it takes",))
+            else:
+                try:
+                    strategy.check_budget(job.budget)
+                except ValueError as err:
+                    shown = ", ".join(map(str, takes[:8])) + (", …" if len(takes) > 8 else "")
+                    options = (f"; it takes {shown} (up to this key's limit of {job.max_budget})" if takes
+                               else f"; it takes no budget up to this key's limit of {job.max_budget}")
+                    raise invalid(f"{job.budget_param}: {err}{options}", job.budget_param,
+                                  "budget_not_supported") from None
         return Run(job, strategy, policy, progress)
 
     def check_context(self, job: Job) -> None:

@@ -54,6 +54,8 @@ class Job:
     key_name: str
     warnings: tuple[str, ...] = field(default=())
     budget_param: str = "itscale.budget"  # where the budget came from (for error messages)
+    default_budget: bool = False  # the server chose the budget (the request named none)
+    max_budget: int = 64  # this API key's limit
 
 
 def _pick(from_body, from_suffix, param: str, what: str):
@@ -78,6 +80,7 @@ def resolve(request: ChatRequest | CompletionRequest, *, job_id: str, config: Se
     method_param = "itscale.method" if body_method is not None or suffix_method is None else "model"
     budget_param = "itscale.budget" if opts and opts.budget is not None else "model"
     budget = _pick(opts.budget if opts else None, suffix_budget, "itscale.budget", "budget")
+    default_budget = budget is None
     if budget is None:
         budget, budget_param = min(config.default_budget, limits.max_budget), "itscale.budget"
         if budget < config.default_budget:
@@ -127,7 +130,8 @@ def resolve(request: ChatRequest | CompletionRequest, *, job_id: str, config: Se
         warnings.append(f"ignored unknown field(s): {', '.join(ignored)}")
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     return Job(job_id, kind, request.model, problem, method, int(budget), params, sampling, int(max_tokens),
-               request.n, int(seed), timeout, request.stream, include_usage, key_name, tuple(warnings), budget_param)
+               request.n, int(seed), timeout, request.stream, include_usage, key_name, tuple(warnings), budget_param,
+               default_budget, limits.max_budget)
 
 
 def parse_body(kind: Literal["chat", "completion"], body: Any) -> ChatRequest | CompletionRequest:

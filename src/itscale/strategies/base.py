@@ -86,6 +86,18 @@ class Strategy(ABC):
         if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
             raise ValueError(f"{self.name}: budget must be a positive integer, got {budget!r}")
 
+    def fits(self, budget: int) -> bool:
+        """Whether this method can run at ``budget`` (:meth:`check_budget` passes)."""
+        try:
+            self.check_budget(budget)
+        except ValueError:
+            return False
+        return True
+
+    def budgets_up_to(self, limit: int) -> list[int]:
+        """The budgets from 1 to ``limit`` this method can run at (e.g. the multiples of a beam width)."""
+        return [b for b in range(1, int(limit) + 1) if self.fits(b)]
+
     def require_divisible(self, budget: int, divisor: int, what: str) -> None:
         if budget % divisor:
             raise ValueError(f"{self.name}: budget {budget} is not divisible by {what} {divisor}")
