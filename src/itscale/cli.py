@@ -349,7 +349,7 @@ def _serve(ns: argparse.Namespace) -> int:
             step_tokens=ns.step_tokens, default_method=ALIASES.get(default_method, default_method), default_budget=ns.default_budget,
             limits=limits, host=ns.host, port=ns.port, allow_open=ns.allow_open, max_running=ns.max_running,
             max_queue=ns.max_queue, request_timeout=ns.request_timeout, graceful_timeout=ns.graceful_timeout,
-            body_timeout=ns.body_timeout,
+            header_timeout=ns.header_timeout, body_timeout=ns.body_timeout,
             progress_interval=ns.progress_interval)
         keys = key_ring(config, ns.api_key or (), ns.api_key_file)
     except ValidationError as err:
@@ -423,6 +423,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="seconds per request, queue included (504 after) [300]")
     g.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get at shutdown [30]")
+    g.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send its request headers (closed with 408 after) [10]")
     g.add_argument("--body-timeout", type=float, default=10.0,
                    help="seconds a client has to send its request body (408 after) [10]")
     g.add_argument("--progress-interval", type=float, default=1.0,

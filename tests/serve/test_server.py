@@ -359,3 +359,22 @@ def test_an_alias_runs_at_the_default_budget_or_a_named_budget_is_refused_with_t
     body = err.value.body
     assert body["code"] == "budget_not_supported" and body["param"] == "model", body
     assert "it takes 6, 12, 18, 24, 30, 36, 42, 48, … (up to this key's limit of 64)" in body["message"], body
+
+
+def test_half_sent_headers_are_cut_off_after_the_header_timeout(server):
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(server.root)
+    with socket.create_connection((where.hostname, where.port), timeout=40) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: appl")  # and nothing more
+        t = time.monotonic()
+        reply = sock.recv(4096)
+        waited = time.monotonic() - t
+        while chunk := sock.recv(4096):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408") and b"--header-timeout" in reply, reply[:200]
+    assert 8 < waited < 30  # the server's default: 10 s; then the connection is closed
+    # a kept-alive connection still serves request after request
+    with httpx.Client(base_url=server.root) as c:
+        assert [c.get("/health").status_code for _ in range(3)] == [200, 200, 200]

@@ -79,6 +79,7 @@ class ServeConfig(BaseModel):
     max_queue: int = Field(256, ge=0, description="requests waiting for a slot; beyond it: 429")
     request_timeout: float = Field(300.0, gt=0, description="seconds from arrival to answer, queue included")
     graceful_timeout: float = Field(30.0, ge=0, description="seconds in-flight requests get at shutdown")
+    header_timeout: float = Field(10.0, gt=0, description="seconds a client has to send its request headers")
     body_timeout: float = Field(10.0, gt=0, description="seconds a client has to send its whole request body")
     progress_interval: float = Field(1.0, gt=0, description="seconds between streamed progress comments")
 

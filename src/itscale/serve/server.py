@@ -56,6 +56,7 @@ def serve(config: ServeConfig, keys: KeyRing, *, log_level: str = "info", access
     from .admission import Admission
     from .app import ServerState, create_app
     from .engine import Engine
+    from .protocol import with_header_timeout
 
     configure_logging(log_level)
     engine = Engine.load(config, log.info)
@@ -87,5 +88,6 @@ def serve(config: ServeConfig, keys: KeyRing, *, log_level: str = "info", access
             super().handle_exit(sig, frame)
 
     uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level, access_log=access_log,
-                        timeout_graceful_shutdown=config.graceful_timeout, lifespan="on")
+                        timeout_graceful_shutdown=config.graceful_timeout, lifespan="on",
+                        http=with_header_timeout(config.header_timeout))
     Server(uv).run()
