@@ -148,3 +148,37 @@ def test_a_policy_server_that_refuses_every_call_is_an_error_with_its_message_no
     with open(tmp_path / "out" / "records.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows and all(r["status"] == "error" and RefusingServer.MESSAGE in r["message"] for r in rows), rows[:2]
+
+
+def test_a_problem_file_gets_the_embedded_policys_template_and_a_misfit_is_said(tmp_path):
+    """Five arithmetic problems in a file: with the embedded policy they are asked as the task's bare
+    prompts (its template), and a template or problems it was not trained on are warned about."""
+    import json
+
+    from itscale.tasks import arithmetic
+
+    rows = [{"id": p.id, "problem": p.prompt, "answer": p.answer} for p in arithmetic.eval_set("easy")[:5]]
+    rows.append({"id": "france", "problem": "What is the capital of France?", "answer": "Paris"})
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    def bench(extra: str, out: str) -> subprocess.CompletedProcess:
+        path = tmp_path / f"{out}.yaml"
+        path.write_text(f"problems: {{source: '{tmp_path / 'p.jsonl'}'{extra}}}\nprm: {{model: none}}\n"
+                        f"methods: [{{name: greedy}}]\noutput: {tmp_path / out}\n")
+        return itscale("bench", str(path), cwd=tmp_path)
+
+    plain = bench("", "plain")
+    assert plain.returncode == 0, plain.stderr
+    said = " ".join(plain.stdout.split())
+    assert "problems.source: 1 of 6 problems are not prompts of the arithmetic task" in said and "france" in said
+    assert "problems.template" not in said
+    boxed = bench(", template: boxed", "boxed")
+    assert "problems.template: the embedded policy was trained on the task's bare prompts; template 'boxed'" in \
+        " ".join(boxed.stdout.split())
+    import csv
+
+    def right(out: str) -> float:
+        with open(tmp_path / out / "records.csv") as f:
+            return sum(float(r["score"]) for r in csv.DictReader(f) if r["problem_id"] != "france")
+
+    assert (right("plain"), right("boxed")) == (2.0, 0.0)  # measured: greedy gets 2 of the 5 asked plainly

@@ -378,3 +378,14 @@ def test_half_sent_headers_are_cut_off_after_the_header_timeout(server):
     # a kept-alive connection still serves request after request
     with httpx.Client(base_url=server.root) as c:
         assert [c.get("/health").status_code for _ in range(3)] == [200, 200, 200]
+
+
+def test_an_off_task_prompt_to_the_embedded_model_is_answered_with_a_warning(server):
+    alice = openai.OpenAI(base_url=server.url, api_key=ALICE, max_retries=0)
+    r = alice.chat.completions.create(model="tiny:bon-2", seed=0,
+                                      messages=[{"role": "user", "content": "What is the capital of France?"}])
+    warnings = r.model_extra["itscale"]["warnings"]
+    assert any(w.startswith("messages: the embedded model only knows the arithmetic task") and "France" in w
+               for w in warnings), warnings
+    r = alice.chat.completions.create(model="tiny:bon-2", seed=0, messages=[{"role": "user", "content": PROBLEM}])
+    assert r.model_extra["itscale"]["warnings"] == []

@@ -60,7 +60,8 @@ class _Strict(BaseModel):
 
 class ProblemsConfig(_Strict):
     source: str = Field("arithmetic:medium", description="bundled set 'arithmetic:LEVEL' or a .jsonl/.parquet file")
-    template: str | None = Field(None, description="prompt template: plain, boxed, steps, or a string with {problem}")
+    template: str | None = Field(None, description="prompt template: plain, boxed, steps, or a string with {problem} "
+                                                   "(default for a file: plain with the embedded policy, else boxed)")
     limit: int | None = Field(None, ge=1, description="use the first LIMIT problems")
     on_bad_row: Literal["fail", "skip"] = Field("fail", description="what a malformed row does")
 
@@ -94,6 +95,18 @@ class FormatConfig(_Strict):
     delimiter: str = "\n\n"
     answer_markers: tuple[str, ...] = ("\\boxed{",)
     max_steps: int = Field(32, ge=1)
+
+    def problem_template(self) -> str | None:
+        """``problems.template``; unset, the embedded policy's own for a problem file (its bare
+        prompts), else the loader's default (``boxed`` for files, the task's prompts for bundled sets)."""
+        if self.problems.template is not None:
+            return self.problems.template
+        from .. import zoo
+        from .problems import BUNDLED_PREFIX
+
+        if self.policy.is_embedded and not self.problems.source.startswith(BUNDLED_PREFIX):
+            return zoo.PROMPT_TEMPLATE
+        return None
 
     def step_format(self) -> StepFormat:
         return StepFormat(delimiter=self.delimiter, answer_markers=self.answer_markers, max_steps=self.max_steps)
@@ -204,6 +217,18 @@ class BenchConfig(_Strict):
                 notes.append(f"{m.key}: budgets {runs} (it cannot run at "
                              f"{[b for b in self.budgets if b not in runs]})")
         return notes
+
+    def problem_template(self) -> str | None:
+        """``problems.template``; unset, the embedded policy's own for a problem file (its bare
+        prompts), else the loader's default (``boxed`` for files, the task's prompts for bundled sets)."""
+        if self.problems.template is not None:
+            return self.problems.template
+        from .. import zoo
+        from .problems import BUNDLED_PREFIX
+
+        if self.policy.is_embedded and not self.problems.source.startswith(BUNDLED_PREFIX):
+            return zoo.PROMPT_TEMPLATE
+        return None
 
     def step_format(self) -> StepFormat:
         return FORMATS[self.format] if isinstance(self.format, str) else self.format.step_format()

@@ -275,3 +275,21 @@ def _kind(value: Any) -> str:
     names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",
              float: "number", type(None): "null"}
     return names.get(type(value), type(value).__name__)
+
+
+def embedded_fit_warnings(pset: ProblemSet, template_given: bool) -> list[str]:
+    """What a user should know before the embedded policy answers ``pset``: a template that adds
+    text it was never trained on, and problems outside its arithmetic task."""
+    from .. import zoo
+
+    out = []
+    if template_given and pset.template not in (zoo.PROMPT_TEMPLATE, TASK_TEMPLATE):
+        out.append(f"problems.template: the embedded policy was trained on the task's bare prompts; template "
+                   f"{pset.template!r} adds text it never saw, which costs accuracy (use template: "
+                   f"{zoo.PROMPT_TEMPLATE})")
+    outside = [p for p in pset.problems if zoo.off_task(p.meta.get("problem", p.prompt))]
+    if outside:
+        out.append(f"problems.source: {len(outside)} of {len(pset.problems)} problems are not prompts of the "
+                   f"arithmetic task the embedded policy knows (e.g. {outside[0].id}: "
+                   f"{zoo.off_task(outside[0].meta.get('problem', outside[0].prompt))})")
+    return out

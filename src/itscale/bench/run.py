@@ -23,7 +23,7 @@ from .config import BenchConfig
 from .grading import Grader
 from .metrics import MetricRow, summarize
 from .plots import plot_all
-from .problems import load_problems
+from .problems import embedded_fit_warnings, load_problems
 from .report import environment_info, write_report
 from .store import Store, export_csv, export_jsonl
 from .sweep import DB_NAME, Sweep, output_dir, plan, run_phases
@@ -55,8 +55,11 @@ def run_bench(config: BenchConfig, console: Console | None = None, *, title: str
         check_placement(config.prm, "prm")
     folder = output_dir(config)
     folder.mkdir(parents=True, exist_ok=True)
-    pset = load_problems(config.problems.source, template=config.problems.template, limit=config.problems.limit,
+    pset = load_problems(config.problems.source, template=config.problem_template(), limit=config.problems.limit,
                          on_bad_row=config.problems.on_bad_row, warn=lambda m: console.print(f"[yellow]skipped: {m}"))
+    if config.policy.is_embedded:
+        for warning in embedded_fit_warnings(pset, config.problems.template is not None):
+            console.print(Text(f"warning: {warning}", style="yellow"))
     fingerprint = pset.fingerprint()
     environment = environment_info()
     config_dump = config.model_dump(mode="json")

@@ -73,6 +73,12 @@ def resolve(request: ChatRequest | CompletionRequest, *, job_id: str, config: Se
     if bad is not None:
         raise bad
     problem, warnings = request.problem()
+    if config.policy == "embedded":
+        from .. import zoo
+
+        outside = zoo.off_task(problem)
+        if outside:
+            warnings.append(f"messages: {outside}")
     suffix_method, suffix_budget = parse_model(request.model, base_model)
     opts = request.itscale
     body_method = resolve_method(opts.method, "itscale.method") if opts and opts.method is not None else None

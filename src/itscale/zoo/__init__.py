@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..rewards.formats import EMBEDDED_TAG_FORMAT, TagFormat
-from ..tasks.arithmetic import ANSWER_PREFIX, DELIMITER, STEP_FORMAT
+from ..tasks.arithmetic import ANSWER_PREFIX, DELIMITER, STEP_FORMAT, parse_prompt
 
 #: The PRM's tag format and its three tokens (tag ``§``, good ``+``, bad ``-``).
 PRM_TAG_FORMAT: TagFormat = EMBEDDED_TAG_FORMAT
@@ -40,10 +40,13 @@ PAD_TOKEN = "<|pad|>"
 #: The level whose held-out set the model card's headline numbers use.
 DEFAULT_LEVEL = "medium"
 
+#: The bench prompt template the pair was trained with: the task's bare prompt, no instructions.
+PROMPT_TEMPLATE = "plain"
+
 __all__ = [
     "ANSWER_PREFIX", "ASSISTANT_TOKEN", "DEFAULT_LEVEL", "DELIMITER", "EOS_TOKEN", "PAD_TOKEN", "PRM_BAD",
-    "PRM_GOOD", "PRM_TAG", "PRM_TAG_FORMAT", "STEP_FORMAT", "USER_TOKEN", "model_card_path", "policy_path",
-    "prm_path",
+    "PRM_GOOD", "PRM_TAG", "PRM_TAG_FORMAT", "PROMPT_TEMPLATE", "STEP_FORMAT", "USER_TOKEN", "model_card_path",
+    "off_task", "policy_path", "prm_path",
 ]
 
 
@@ -63,3 +66,16 @@ def prm_path() -> Path:
 
 def model_card_path() -> Path:
     return Path(str(resources.files(__name__))) / "MODEL_CARD.md"
+
+
+def off_task(prompt: str) -> str | None:
+    """Why the embedded pair cannot be trusted on ``prompt`` — it is not a prompt of the
+    arithmetic task they were trained on (``Start at 7. Apply in order: +5, *3.``) — or
+    None when it is. The models answer anything with a confident line of arithmetic."""
+    try:
+        parse_prompt(prompt)
+    except ValueError:
+        shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+        return (f"the embedded model only knows the arithmetic task ('Start at 7. Apply in order: +5, *3.'); "
+                f"{shown!r} is outside it, so its answer means nothing")
+    return None
