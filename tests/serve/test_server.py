@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from .conftest import ALICE, LOW, PROBLEM, SMALL, TIGHT, chat_body
+from .conftest import ALICE, LOW, PROBLEM, SMALL, SOLO, TIGHT, chat_body
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("serve")]
 
@@ -389,3 +389,20 @@ def test_an_off_task_prompt_to_the_embedded_model_is_answered_with_a_warning(ser
                for w in warnings), warnings
     r = alice.chat.completions.create(model="tiny:bon-2", seed=0, messages=[{"role": "user", "content": PROBLEM}])
     assert r.model_extra["itscale"]["warnings"] == []
+
+
+def test_the_log_and_the_errors_hold_no_key_and_no_prompt(server):
+    wrong = "sk-wrong-key-do-not-log-31415"
+    with pytest.raises(openai.AuthenticationError) as err:
+        openai.OpenAI(base_url=server.url, api_key=wrong, max_retries=0).models.list()
+    assert wrong not in json.dumps(err.value.body)
+    alice = openai.OpenAI(base_url=server.url, api_key=ALICE, max_retries=0)
+    secret_prompt = "Start at 271828. Apply in order: +1."
+    alice.chat.completions.create(model="tiny:greedy", messages=[{"role": "user", "content": secret_prompt}])
+    with pytest.raises(openai.BadRequestError):
+        alice.chat.completions.create(model="tiny:greedy", messages=[{"role": "user", "content": secret_prompt}],
+                                      temperature=-1)
+    log = server.log.read_text(errors="replace")  # the whole log of this server
+    assert "key=alice" in log  # requests are logged by key name ...
+    for secret in (wrong, ALICE, SMALL, SOLO, LOW, "271828"):  # ... never by key, never with the prompt
+        assert secret not in log, secret
