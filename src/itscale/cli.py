@@ -185,13 +185,16 @@ budgets; every setting has a default except `methods`. A minimal config:
 All settings (defaults in brackets):
 
     problems:  source [arithmetic:medium] (or a .jsonl/.parquet file with problem, answer, id, level),
-               template [boxed for files] (plain | boxed | steps | a string with {problem}),
-               limit, on_bad_row [fail] (fail | skip)
-    policy:    model [embedded] (or a Hugging Face folder, or an http(s):// OpenAI-compatible URL),
-               temperature [0.8], top_p [1.0], max_step_tokens [48], threads, max_batch [256],
-               served_model and tokenizer (for URLs: the served name, a local tokenizer folder)
-    prm:       model [embedded] (or a folder, a URL, or none), kind [tag] (tag | classifier),
-               max_batch [128], served_model, tokenizer
+               template [files: plain with the embedded policy, else boxed]
+               (plain | boxed | steps | a string with {problem}), limit, on_bad_row [fail] (fail | skip)
+    policy:    model [embedded] (or a Hugging Face folder, a .gguf file, or http(s):// OpenAI-compatible
+               URLs), device [auto] (auto | cpu | cuda | cuda:N | mps), dtype [auto] (auto | float32 |
+               bfloat16 | float16), temperature [0.8], top_p [1.0], max_step_tokens [48], threads,
+               max_batch [256], tokenizer, served_model; for URLs: api_key_env, timeout [60],
+               retries [4], max_concurrency [64], merge_prompts [256], kv_block
+    prm:       model [embedded] (the same, or none), kind [tag] (tag | classifier), device, dtype,
+               max_batch [128], step_tag, good_token [+], bad_token [-], positive_label [1],
+               tokenizer, served_model and the URL settings
     format:    arithmetic | math | {delimiter, answer_markers, max_steps}   [arithmetic]
     methods:   a list of {name, label, params, budgets}; `itscale bench --methods` lists them
     budgets [1,2,4,8,16], seeds [0], concurrency [128], subsets [64], output [itscale-bench]
@@ -350,7 +353,7 @@ def _serve(ns: argparse.Namespace) -> int:
             limits=limits, host=ns.host, port=ns.port, allow_open=ns.allow_open, max_running=ns.max_running,
             max_queue=ns.max_queue, request_timeout=ns.request_timeout, graceful_timeout=ns.graceful_timeout,
             header_timeout=ns.header_timeout, body_timeout=ns.body_timeout,
-            progress_interval=ns.progress_interval)
+            progress_interval=ns.progress_interval, cache_isolation=ns.cache_isolation)
         keys = key_ring(config, ns.api_key or (), ns.api_key_file)
     except ValidationError as err:
         for e in err.errors():
@@ -429,6 +432,11 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="seconds a client has to send its request body (408 after) [10]")
     g.add_argument("--progress-interval", type=float, default=1.0,
                    help="seconds between streamed progress comments [1]")
+    g.add_argument("--cache-isolation", default="shared", choices=["shared", "per-key"],
+                   help="shared: every request may reuse what the models' caches (KV prefix tree, PRM scores, "
+                        "vLLM's prefix cache) hold for any request, faster for repeated prompts; per-key: a request "
+                        "never reads cache entries another API key's requests wrote (keys with the same name "
+                        "share). Usage never depends on other keys' traffic either way [shared]")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     g.add_argument("--no-access-log", action="store_true", help="no uvicorn line per HTTP request")
     p.set_defaults(func=_serve)

@@ -143,6 +143,8 @@ class StepRequest:
 
     ``stop`` ends each continuation (the stop string stays in the text); with
     ``stop=()`` the backend generates the whole rest of the solution.
+    ``cache_namespace``: a backend's caches serve the request only from entries that
+    requests of the same namespace wrote (``None``: the shared namespace).
     """
 
     problem: Problem
@@ -150,6 +152,7 @@ class StepRequest:
     k: int
     params: SamplingParams
     stop: tuple[str, ...]
+    cache_namespace: str | None = None
 
     @property
     def prefix(self) -> str:
@@ -158,10 +161,12 @@ class StepRequest:
 
 @dataclass(frozen=True)
 class ScoreRequest:
-    """Score each step of one (partial) solution: ``steps`` are step texts."""
+    """Score each step of one (partial) solution: ``steps`` are step texts.
+    ``cache_namespace`` as for :class:`StepRequest`."""
 
     problem: Problem
     steps: tuple[str, ...]
+    cache_namespace: str | None = None
 
 
 @dataclass(frozen=True)

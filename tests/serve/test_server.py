@@ -243,7 +243,7 @@ def test_other_request_errors(server):
     status, err = _error(server, chat_body(), path="/chat/completion")
     assert status == 404
     status, err = _error(server, chat_body("tiny:bon-2", "Start at 3. " * 300))  # longer than the model's context
-    assert status == 502 and err["code"] == "no_answer" and "leaves no room in the model's" in err["message"]
+    assert status == 400 and err["code"] == "context_length_exceeded" and "leaves no room" in err["message"]
     r = httpx.post(server.url + "/chat/completions", headers={"Authorization": f"Bearer {ALICE}"},
                    json=chat_body("tiny:greedy", frobnicate=1, messages=[
                        {"role": "system", "content": "x"}, {"role": "user", "content": PROBLEM}]))

@@ -33,8 +33,9 @@ server continues the exact text ``c = chat_prompt(problem) + prefix``::
      "stop": [...stop],                    # only when non-empty
      "stop_token_ids": [...],              # vLLM extension: the one-token stop strings
      "include_stop_str_in_output": true,   # vLLM extension (see `extensions`)
-     "add_special_tokens": false}          # vLLM extension, when the chat template wrote
+     "add_special_tokens": false,          # vLLM extension, when the chat template wrote
                                            # the special tokens itself (no second BOS)
+     "cache_salt": salt}                   # vLLM extension, for a cache namespace (below)
 
 ``top_p`` and ``n`` are left out where a caller does not set them (a PRM's one-token
 scoring request), as is ``include_stop_str_in_output`` with ``keep_stop_strings=False``.
@@ -79,6 +80,19 @@ the text comes back the same: vLLM's ``stop_reason`` is then the token id, read 
 stop string it stands for (a text that does not end with that string means the local
 tokenizer is not the server's, and :func:`finish_of` reports an error saying so).
 
+Cache namespaces
+----------------
+A request with a cache namespace (``StepRequest.cache_namespace``, passed here as
+``Sampling.cache_namespace``) carries vLLM's ``cache_salt`` (vLLM ≥ 0.9 keys its prefix
+cache by it, so requests with different salts never share cached blocks), with the
+extensions on. The salt is :func:`cache_salt`: an HMAC-SHA256 of the namespace under a
+secret drawn once per process, so one namespace always gets the same salt here and no
+one can compute another namespace's salt from its name (vLLM asks for unpredictable
+salts). A server without the field rejects it (the extensions are then dropped, and
+:meth:`~CompletionsClient.isolates` says so: the server's cached tokens may then be
+another namespace's work) or ignores it (an older vLLM: its cache stays shared, which
+the client cannot tell).
+
 Learnt quirks
 -------------
 - ``n_per_request``: ``None`` assumes the server honours ``n``; :meth:`~CompletionsClient.rejects_n`
@@ -104,8 +118,11 @@ is one too (:func:`unexpected_shape`), so callers handle a single error type.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -114,13 +131,14 @@ from .http import BackendError, EndpointPool, Reply
 from .loading import TOKENIZER_FILES, ChatPrompts, ModelLoadError, encode, load_tokenizer
 
 __all__ = [
-    "VLLM_EXTENSIONS", "Choice", "Completion", "CompletionsClient", "Sampling", "finish_of", "make_pool",
-    "named_context_length", "parse_reply", "resolve_tokenizer", "split_evenly", "unexpected_shape",
+    "VLLM_EXTENSIONS", "Choice", "Completion", "CompletionsClient", "Sampling", "cache_salt", "finish_of",
+    "make_pool", "named_context_length", "parse_reply", "resolve_tokenizer", "split_evenly", "unexpected_shape",
 ]
 
 #: vLLM request fields beyond the OpenAI API that this module may send.
 VLLM_EXTENSIONS = ("include_stop_str_in_output", "add_special_tokens", "continue_final_message", "add_generation_prompt",
-                   "stop_token_ids")
+                   "stop_token_ids", "cache_salt")
+_SALT_KEY = secrets.token_bytes(32)  # this process's secret behind every cache salt
 _MENTIONS_N = re.compile(r"(?<![\w-])['\"`]?n['\"`]?(?![\w-])|best_of", re.IGNORECASE)
 #: A server's context length in its 400 reply: vLLM 0.32 ("max_tokens=480 cannot be greater than
 #: max_model_len=256") and the OpenAI / older vLLM wording ("maximum context length is 256 tokens").
@@ -166,6 +184,12 @@ def named_context_length(err: BackendError) -> int | None:
     """The context length a 400 reply names, if any."""
     match = _CONTEXT_LENGTH.search(err.message) if err.status == 400 else None
     return int(match.group(1) or match.group(2)) if match else None
+
+
+def cache_salt(namespace: str) -> str:
+    """vLLM's ``cache_salt`` for a cache namespace: 64 hex digits, the same for one namespace
+    within this process and unpredictable from its name (see "Cache namespaces")."""
+    return hmac.new(_SALT_KEY, namespace.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
 def split_evenly(total: int, parts: int) -> list[int]:
@@ -289,7 +313,8 @@ class Sampling:
     """The sampling fields of one request body. ``top_p`` / ``n`` / ``seed``: left out when
     ``None``; ``stop``: left out when empty; ``logprobs``: the top-k asked per position
     (completions; chat asks ``true``); ``keep_stop_strings``: send vLLM's
-    ``include_stop_str_in_output`` (with extensions on)."""
+    ``include_stop_str_in_output`` (with extensions on); ``cache_namespace``: send vLLM's
+    ``cache_salt`` for it (with extensions on; see "Cache namespaces")."""
 
     max_tokens: int
     temperature: float
@@ -299,6 +324,7 @@ class Sampling:
     stop: tuple[str, ...] = ()
     logprobs: int = 1
     keep_stop_strings: bool = True
+    cache_namespace: str | None = None
 
 
 class CompletionsClient:
@@ -426,7 +452,18 @@ class CompletionsClient:
             stop_ids = self.stop_token_ids(s.stop)
             if self.extensions and stop_ids:
                 body["stop_token_ids"] = list(stop_ids)
+        body.update(self.cache_fields(s.cache_namespace))
         return body
+
+    def cache_fields(self, namespace: str | None) -> dict[str, str]:
+        """``{"cache_salt": ...}`` for a cache namespace with the extensions on, else ``{}``."""
+        return {"cache_salt": cache_salt(namespace)} if namespace is not None and self.extensions else {}
+
+    def isolates(self, namespace: str | None) -> bool:
+        """Whether a request of ``namespace`` is kept from other namespaces' cache entries as far
+        as this client can tell: no namespace, or its salt is being sent (a server that ignores
+        the field cannot be told apart)."""
+        return namespace is None or self.extensions
 
     # -- posting ------------------------------------------------------------------------
     async def post(self, path: str, body: Mapping[str, Any]) -> Reply:

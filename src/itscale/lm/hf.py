@@ -46,6 +46,11 @@ generated step:
    prefix of the step are kept and the rest is re-read as a suffix next time.
 3. *Evict.* Least-recently-used leaves beyond ``cache_tokens`` stored tokens.
 
+A request with a ``cache_namespace`` is looked up in, and stored into, that namespace's
+tree of the store only (identical contexts of one call are shared only within a
+namespace), so it never reuses states that requests of another namespace stored; the
+``cache_tokens`` bound covers every namespace together.
+
 Rows with different cached and new lengths share a batch with left padding, an
 attention mask and explicit position ids (each row counts only its real tokens; see
 :mod:`itscale.lm.prefill`).
@@ -118,6 +123,7 @@ class _Context:
 
     text: str
     node: KVNode | None = None
+    namespace: str | None = None  # the cache namespace it is looked up and stored in
     prompt_tokens: int = 0
     prefilled: int = 0
     error: str | None = None
@@ -234,7 +240,7 @@ class HFGenerator:
         self.stats.calls += 1
         self.stats.requests += len(requests)
         texts = [self.context_text(r.problem.prompt, r.prefix) for r in requests]
-        contexts = self._prepare(texts)
+        contexts = self._prepare(texts, [r.cache_namespace for r in requests])
         rows: list[_Row] = []
         for i, r in enumerate(requests):
             seed = r.params.seed if r.params.seed is not None else _DEFAULT_SEED * 1_000_003 + next(self._seeds)
@@ -270,11 +276,13 @@ class HFGenerator:
         return Step(row.text or "", row.n_tokens, prompt, prefilled, row.logprob, row.finish or "length")
 
     # -- contexts: lookup and prefill ----------------------------------------------
-    def _prepare(self, texts: Sequence[str]) -> list[_Context]:
-        """One context per request (shared by requests with the same text when reusing)."""
+    def _prepare(self, texts: Sequence[str], namespaces: Sequence[str | None]) -> list[_Context]:
+        """One context per request (shared by requests with the same text and cache namespace
+        when reusing)."""
         if self.reuse_cache:
-            distinct = {text: _Context(text) for text in dict.fromkeys(texts)}
-            contexts = [distinct[text] for text in texts]
+            keys = list(zip(namespaces, texts))
+            distinct = {key: _Context(key[1], namespace=key[0]) for key in dict.fromkeys(keys)}
+            contexts = [distinct[key] for key in keys]
         else:
             contexts = [_Context(text) for text in texts]
         pending: list[tuple[_Context, KVNode, str, list[int]]] = []
@@ -283,7 +291,8 @@ class HFGenerator:
             text = ctx.text
             if self.reuse_cache:
                 # a node without next-token logits can only be a base for a non-empty suffix
-                node, covered = self.store.match_text(text, lambda n, pos, end=len(text): n.logits is not None or pos < end)
+                node, covered = self.store.match_text(
+                    text, lambda n, pos, end=len(text): n.logits is not None or pos < end, namespace=ctx.namespace)
             else:
                 node, covered = scratch, 0
             if covered == len(text) and node.logits is not None:

@@ -15,6 +15,13 @@ exact keys). A node may also carry the model's next-token ``logits`` after its l
 token (so a context that ends exactly at a node needs no forward pass at all) and a
 ``value`` (the PRM stores the step's score there).
 
+Namespaces: a store keeps one tree per *cache namespace* (``None``: the shared one, the
+only one unless a request names another; see ``StepRequest.cache_namespace``). A lookup
+walks only its namespace's tree and a node inserted under a namespace's root stays in
+that tree, so a request never reads what another namespace's requests stored. The
+memory bound is global: ``size`` counts every tree, and :meth:`KVStore.trim` evicts the
+least-recently-used leaves across all of them (an emptied namespace's root goes too).
+
 Memory bound: the store's ``size`` counts the tokens of all its segments, a node's
 stored logits counted as the number of KV tokens taking the same memory (for large
 vocabularies they are not negligible); :meth:`KVStore.trim` evicts least-recently-used
@@ -95,23 +102,45 @@ def new_root() -> KVNode:
 
 
 class KVStore:
-    """Least-recently-used prefix tree of KV segments, bounded by ``max_tokens`` (see ``size``)."""
+    """Least-recently-used prefix trees of KV segments, one per cache namespace, bounded
+    together by ``max_tokens`` (see ``size`` and the module docstring)."""
 
     def __init__(self, max_tokens: int):
         if max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
         self.max_tokens = int(max_tokens)
-        self.root = new_root()
+        self._roots: dict[str | None, KVNode] = {}
         self.tokens = 0  # KV tokens stored
         self.size = 0  # memory in KV-token units (tokens + logits), what max_tokens bounds
         self.nodes = 0
         self._tick = itertools.count(1)
 
+    @property
+    def root(self) -> KVNode:
+        """The shared namespace's root."""
+        return self.root_of(None)
+
+    def root_of(self, namespace: str | None = None) -> KVNode:
+        """The root of ``namespace``'s tree (created empty when it has none)."""
+        root = self._roots.get(namespace)
+        if root is None:
+            root = self._roots[namespace] = new_root()
+            root.in_store = True
+        return root
+
+    @property
+    def namespaces(self) -> tuple[str | None, ...]:
+        """The namespaces that have a tree."""
+        return tuple(self._roots)
+
     # -- lookup ---------------------------------------------------------------------
-    def match_text(self, text: str, accept: Callable[[KVNode, int], bool]) -> tuple[KVNode, int]:
-        """The deepest node whose text is a prefix of ``text`` and that ``accept(node, covered)``
-        allows, with the number of characters it covers; ``(root, 0)`` when there is none."""
-        node, pos, best = self.root, 0, (self.root, 0)
+    def match_text(self, text: str, accept: Callable[[KVNode, int], bool],
+                   namespace: str | None = None) -> tuple[KVNode, int]:
+        """The deepest node of ``namespace``'s tree whose text is a prefix of ``text`` and that
+        ``accept(node, covered)`` allows, with the number of characters it covers; ``(root, 0)``
+        (that namespace's root) when there is none."""
+        root = self.root_of(namespace)
+        node, pos, best = root, 0, (root, 0)
         while True:
             nxt = None
             for child in node.children.values():
@@ -123,9 +152,9 @@ class KVStore:
             if accept(node, pos):
                 best = (node, pos)
 
-    def match_keys(self, keys: Sequence[str]) -> list[KVNode]:
-        """The nodes along the exact key path ``keys`` as far as it is stored."""
-        out, node = [], self.root
+    def match_keys(self, keys: Sequence[str], namespace: str | None = None) -> list[KVNode]:
+        """The nodes along the exact key path ``keys`` of ``namespace``'s tree as far as it is stored."""
+        out, node = [], self.root_of(namespace)
         for key in keys:
             node = node.children.get(key)
             if node is None:
@@ -143,7 +172,7 @@ class KVStore:
         parent is no longer stored stays detached (usable, not cached).
         """
         parent = node.parent
-        if parent is None or not (parent is self.root or parent.in_store):
+        if parent is None or not parent.in_store:  # (a stored root is in_store)
             return node
         existing = parent.children.get(node.key)
         if existing is not None:
@@ -182,11 +211,13 @@ class KVStore:
             self.nodes -= 1
 
     def trim(self) -> int:
-        """Evict least-recently-used leaves until ``size <= max_tokens``; returns tokens freed."""
+        """Evict least-recently-used leaves, across every namespace, until ``size <= max_tokens``
+        (then drop the roots of emptied namespaces); returns tokens freed."""
         if self.size <= self.max_tokens:
+            self._drop_empty_roots()
             return 0
         heap: list[tuple[int, int, KVNode]] = []
-        stack = list(self.root.children.values())
+        stack = [child for root in self._roots.values() for child in root.children.values()]
         while stack:
             node = stack.pop()
             if node.children:
@@ -204,10 +235,17 @@ class KVStore:
             self.size -= node.size
             self.nodes -= 1
             freed += node.n
-            if parent is not self.root and not parent.children:
+            if parent.parent is not None and not parent.children:
                 heapq.heappush(heap, (parent.last_used, id(parent), parent))
+        self._drop_empty_roots()
         return freed
 
+    def _drop_empty_roots(self) -> None:
+        for namespace in [ns for ns, root in self._roots.items() if ns is not None and not root.children]:
+            self._roots.pop(namespace).in_store = False
+
     def clear(self) -> None:
-        self.root = new_root()
+        for root in self._roots.values():  # nodes built on an old root stay detached
+            root.in_store = False
+        self._roots = {}
         self.tokens = self.size = self.nodes = 0

@@ -30,6 +30,9 @@ as that particle's *look-ahead*:
   back to plain step requests that stop at the delimiter.
 - Whole-solution requests (no stop string), and every call of a generator with
   ``merge_prompts=1`` (seeded, one request per StepRequest), go to the generator as they are.
+- Look-ahead belongs to the request's problem *and* cache namespace
+  (``StepRequest.cache_namespace``): a request never continues text generated for another
+  namespace, and its merged requests carry only its namespace's ``cache_salt``.
 
 Requests are merged into ``/completions`` prompt lists (one per distinct ``max_tokens``),
 unseeded, as :class:`~itscale.lm.openai.OpenAIGenerator` merges them, through the
@@ -149,7 +152,7 @@ class Lookahead(OnClient):
         self.generator, self.client, self.block = generator, generator.client, int(block)
         self.min_tokens = max(self.block // 2, 1)
         self._lanes: dict[tuple, list[_Lane]] = {}  # (owner, sampling, context) -> look-aheads there
-        self._fate: dict[tuple[str, str], list[int]] = {}  # owner -> [look-aheads used, dropped]
+        self._fate: dict[tuple[str, ...], list[int]] = {}  # owner -> [look-aheads used, dropped]
         self.stats = {"reused": 0, "fresh": 0, "prompts": 0, "dropped_tokens": 0}
 
     @property
@@ -171,7 +174,7 @@ class Lookahead(OnClient):
             return await self.generator.generate_steps(requests)
         stepwise = [r for r in requests if r.k > 0 and r.stop]
         dropped = self._drop_unwanted(stepwise)
-        usable: dict[tuple[str, str], int] = {}  # look-aheads this call can use, by problem
+        usable: dict[tuple[str, ...], int] = {}  # look-aheads this call can use, by problem
         for r in stepwise:
             usable[_owner(r)] = usable.get(_owner(r), 0) + min(r.k, len(self._lanes.get(self._key(r, r.prefix), ())))
         ahead = [i for i, r in enumerate(requests)
@@ -189,7 +192,7 @@ class Lookahead(OnClient):
                 out[first][0] = replace(out[first][0], tokens=out[first][0].tokens + tokens)
         return out
 
-    def _pays(self, owner: tuple[str, str], usable: int) -> bool:
+    def _pays(self, owner: tuple[str, ...], usable: int) -> bool:
         """Whether the problem has used at least half of its look-aheads (counting those this
         call can use; judged once four have been used or dropped)."""
         used, dropped = self._fate.get(owner, (0, 0))
@@ -222,12 +225,12 @@ class Lookahead(OnClient):
     def _key(request: StepRequest, context: str) -> tuple:
         return _owner(request), (request.params.temperature, request.params.top_p), context
 
-    def _drop_unwanted(self, requests: Sequence[StepRequest]) -> dict[tuple[str, str], int]:
+    def _drop_unwanted(self, requests: Sequence[StepRequest]) -> dict[tuple[str, ...], int]:
         """Forget the look-ahead of these problems' particles that the call does not continue;
         its tokens by problem."""
         owners = {_owner(r) for r in requests}
         wanted = {self._key(r, r.prefix) for r in requests}
-        dropped: dict[tuple[str, str], int] = {}
+        dropped: dict[tuple[str, ...], int] = {}
         for key in [k for k in self._lanes if k[0] in owners and k not in wanted]:
             lanes = self._lanes.pop(key)
             dropped[key[0]] = dropped.get(key[0], 0) + sum(lane.tokens for lane in lanes)
@@ -266,7 +269,7 @@ class Lookahead(OnClient):
             if room < 1:  # the context is full
                 lane.ended = "length"
                 continue
-            key = (r.params.temperature, r.params.top_p, room)
+            key = (r.params.temperature, r.params.top_p, room, r.cache_namespace)
             groups.setdefault(key, []).append((i, lane, text, room))
         size = self.generator.merge_prompts
         chunks = [items[j:j + size] for items in groups.values() for j in range(0, len(items), size)]
@@ -274,15 +277,16 @@ class Lookahead(OnClient):
 
     async def _send(self, requests: Sequence[StepRequest], chunk: list[tuple[int, _Lane, str, int]]) -> None:
         """One merged request (no stop strings, no seed) extending every lane of ``chunk``."""
-        params = requests[chunk[0][0]].params
-        sampling = Sampling(chunk[0][3], params.temperature, params.top_p, n=1)
+        first = requests[chunk[0][0]]
+        params = first.params
+        sampling = Sampling(chunk[0][3], params.temperature, params.top_p, n=1, cache_namespace=first.cache_namespace)
         prompts = [self.client.context_text(requests[i].problem.prompt, text) for i, _, text, _ in chunk]
         self.stats["prompts"] += len(chunk)
         try:
             completion = self.client.parse(await self.client.post_completions(prompts, sampling), expected=len(chunk))
         except BackendError as err:
-            if self.client.learn_context_length(err):
-                return  # the rooms are recomputed with the context length now known
+            if self.client.learn_context_length(err) or self.client.drop_extensions(err):
+                return  # sent again, with the context length now known or without the extensions
             for _, lane, _, _ in chunk:
                 lane.error = str(err)
             return
@@ -313,5 +317,8 @@ class Lookahead(OnClient):
         return step
 
 
-def _owner(request: StepRequest) -> tuple[str, str]:
-    return str(request.problem.id), request.problem.prompt
+def _owner(request: StepRequest) -> tuple[str, ...]:
+    """Whose look-ahead a request may use: its problem's (id, prompt), in its cache namespace
+    (appended when there is one)."""
+    owner = (str(request.problem.id), request.problem.prompt)
+    return owner if request.cache_namespace is None else (*owner, request.cache_namespace)

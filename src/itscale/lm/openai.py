@@ -22,6 +22,11 @@ Steps
   reports ``cached_tokens``, else ``None``) are on the first continuation only.
 - ``max_tokens`` is ``params.max_step_tokens``, capped to the room the context leaves
   once the server has named its context length.
+- A request with a ``cache_namespace`` carries vLLM's ``cache_salt`` for it (see
+  :mod:`itscale.lm.completions`, "Cache namespaces"; requests of different namespaces
+  are never merged into one HTTP request), and its ``prefilled_tokens`` is ``None`` once
+  the extensions are off (the salt is not sent, so the server's cached tokens may be
+  other namespaces' work).
 
 Merged requests
 ---------------
@@ -150,7 +155,8 @@ class OpenAIGenerator(OnClient):
         for i, r in enumerate(requests):
             if r.k > 0:
                 p = r.params
-                groups.setdefault((p.temperature, p.top_p, self._max_tokens(r), tuple(r.stop)), []).append(i)
+                groups.setdefault((p.temperature, p.top_p, self._max_tokens(r), tuple(r.stop), r.cache_namespace),
+                                  []).append(i)
         out: list[list[Step]] = [[] for _ in requests]
         chunks = [chunk for idx in groups.values() for chunk in self._chunks([requests[i] for i in idx], idx)]
         for chunk, steps in zip(chunks, await asyncio.gather(*(self._serve_merged(c) for c in chunks))):
@@ -203,7 +209,8 @@ class OpenAIGenerator(OnClient):
 
     def _body(self, request: StepRequest, n: int, seed: int | None) -> dict[str, Any]:
         p = request.params
-        sampling = Sampling(self._max_tokens(request), p.temperature, p.top_p, n, seed, tuple(request.stop))
+        sampling = Sampling(self._max_tokens(request), p.temperature, p.top_p, n, seed, tuple(request.stop),
+                            cache_namespace=request.cache_namespace)
         if self.api == "completions":
             return self.client.completions_body(self.context_text(request.problem.prompt, request.prefix), sampling)
         return self.client.chat_body(request.problem.prompt, request.prefix, sampling)
@@ -261,7 +268,8 @@ class OpenAIGenerator(OnClient):
         def body() -> dict[str, Any]:
             first = requests[0]
             p = first.params
-            sampling = Sampling(self._max_tokens(first), p.temperature, p.top_p, 1, None, tuple(first.stop))
+            sampling = Sampling(self._max_tokens(first), p.temperature, p.top_p, 1, None, tuple(first.stop),
+                                cache_namespace=first.cache_namespace)
             contexts = [self.context_text(r.problem.prompt, r.prefix) for r in requests for _ in range(r.k)]
             return self.client.completions_body(contexts, sampling)
 
@@ -285,6 +293,8 @@ class OpenAIGenerator(OnClient):
                 all_cached = False
         steps = steps[: request.k]
         prefilled = max(prompt - cached, 0) if all_cached and prompt else None
+        if not self.client.isolates(request.cache_namespace):  # cached tokens may be other namespaces' work
+            prefilled = None
         steps[0] = replace(steps[0], prompt_tokens=prompt, prefilled_tokens=prefilled)
         for j in range(1, len(steps)):
             steps[j] = replace(steps[j], prompt_tokens=0, prefilled_tokens=None if prefilled is None else 0)

@@ -34,6 +34,11 @@ architectures, so no KV reuse) and ``tokens`` counts all of it. Caching prefix s
 assumes a causal backbone (the score of step t depends only on the text up to its
 separator), as in Qwen2.5-Math-PRM.
 
+Both caches are split by ``ScoreRequest.cache_namespace``: a request is served only from
+(and shares a call's work only with) requests of its own namespace, so it never reads a
+state or score that another namespace's requests computed (``tokens`` then counts its
+own work in full); the memory bound is shared.
+
 Scores are clipped to [1e-12, 1 − 1e-12] so that log-odds stay finite.
 """
 
@@ -179,9 +184,9 @@ class HFTagPRM(_HFScorer):
 
     # -- one call -------------------------------------------------------------------
     def _score(self, requests: list[ScoreRequest]) -> list[StepScores]:
-        unique: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+        unique: dict[tuple[str, tuple[str, ...], str | None], list[int]] = {}  # (prompt, steps, namespace)
         for i, r in enumerate(requests):
-            unique.setdefault((r.problem.prompt, tuple(r.steps)), []).append(i)
+            unique.setdefault((r.problem.prompt, tuple(r.steps), r.cache_namespace), []).append(i)
         tokens = dict.fromkeys(unique, 0)
         if self.reuse_cache:
             chains = self._reuse_plan(unique, tokens)
@@ -200,7 +205,7 @@ class HFTagPRM(_HFScorer):
     def _full_plan(self, unique, tokens) -> dict:
         scratch, jobs = new_root(), {}
         for key in unique:
-            prompt, steps = key
+            prompt, steps, _ = key
             jobs[key] = _Job(scratch, [(self.prompt(prompt)[0], self.prompt(prompt)[1], None)] + self._segments(steps))
         self._run(list(jobs.values()))
         for key, job in jobs.items():
@@ -208,25 +213,27 @@ class HFTagPRM(_HFScorer):
         return {key: job.nodes for key, job in jobs.items()}
 
     def _reuse_plan(self, unique, tokens) -> dict:
-        # 1. prompts that are not stored yet: run each once, counted on its first request
-        missing: dict[str, tuple[str, ...]] = {}
+        # 1. prompts that are not stored yet (in the request's namespace): run each once,
+        #    counted on its first request
+        missing: dict[tuple[str | None, str], tuple] = {}
         for key in unique:
-            text = self.prompt(key[0])[0]
-            if text not in self.store.root.children and text not in missing:
-                missing[text] = key
-        jobs = [_Job(self.store.root, [(text, self.prompt(key[0])[1], None)]) for text, key in missing.items()]
+            text, namespace = self.prompt(key[0])[0], key[2]
+            if text not in self.store.root_of(namespace).children and (namespace, text) not in missing:
+                missing[namespace, text] = key
+        jobs = [_Job(self.store.root_of(ns), [(text, self.prompt(key[0])[1], None)])
+                for (ns, text), key in missing.items()]
         self._run(jobs)
         for job, key in zip(jobs, missing.values()):
             tokens[key] += len(job.segments[0][1])
         # 2. each request's steps beyond its longest stored prefix
         chains, jobs = {}, {}
         for key in unique:
-            prompt, steps = key
+            prompt, steps, namespace = key
             text, ids = self.prompt(prompt)
-            path = self.store.match_keys([text, *steps])
+            path = self.store.match_keys([text, *steps], namespace)
             chains[key] = path
             if not path:  # (only if the prompt node was just evicted: run everything)
-                jobs[key] = _Job(self.store.root, [(text, ids, None)] + self._segments(steps))
+                jobs[key] = _Job(self.store.root_of(namespace), [(text, ids, None)] + self._segments(steps))
                 continue
             self.stats.cached_steps += len(path) - 1
             if len(path) == len(steps) + 1:
@@ -346,7 +353,7 @@ class HFClassifierPRM(_HFScorer):
             chunk = keys[start:start + self.max_batch]
             results = self._forward([ScoreRequest(requests[todo[k][0]].problem, k[1]) for k in chunk])
             for key, (scores, n_tokens) in zip(chunk, results):
-                self._scores.put(*key, scores)
+                self._scores.put(key[0], key[1], scores, namespace=key[2])
                 first, *rest = todo[key]
                 out[first] = StepScores(tuple(_clip(s) for s in scores), n_tokens)
                 for i in rest:

@@ -1,9 +1,13 @@
 """Step scores cached by step prefix, so an unchanged prefix is never scored twice.
 
 A PRM's score of step t depends only on the problem and steps 1..t, so it is stored under
-``(prompt, steps[:t])``. A request hits the cache only when every one of its prefixes is
-there; least recently used entries go first once ``capacity`` is exceeded. NaN scores
-(a failed request) are never stored, so the next call retries them.
+``(namespace, prompt, steps[:t])``. A request hits the cache only when every one of its
+prefixes is there; least recently used entries go first once ``capacity`` is exceeded
+(one bound for every namespace). NaN scores (a failed request) are never stored, so the
+next call retries them.
+
+``namespace`` is the request's ``ScoreRequest.cache_namespace`` (``None``: shared): a
+lookup only finds scores stored under the same namespace.
 """
 
 from __future__ import annotations
@@ -12,37 +16,41 @@ import math
 from collections import OrderedDict
 from typing import Sequence
 
+Key = tuple[str | None, str, tuple[str, ...]]  # (namespace, prompt, steps)
+
 
 class PrefixScores:
     def __init__(self, capacity: int = 1 << 17):
         self.capacity = int(capacity)
-        self._scores: OrderedDict[tuple[str, tuple[str, ...]], float] = OrderedDict()
+        self._scores: OrderedDict[Key, float] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._scores)
 
-    def get(self, prompt: str, steps: tuple[str, ...]) -> tuple[float, ...] | None:
+    def get(self, prompt: str, steps: tuple[str, ...], namespace: str | None = None) -> tuple[float, ...] | None:
         """The scores of every step, or None unless all of them are cached."""
-        out = self.leading(prompt, steps)
+        out = self.leading(prompt, steps, namespace)
         return out if len(out) == len(steps) else None
 
-    def lookup(self, requests) -> tuple[list[tuple[float, ...] | None], dict[tuple[str, tuple[str, ...]], list[int]]]:
-        """For ``ScoreRequest``s: each one's cached scores (None unless every step is cached),
-        and the others grouped by ``(prompt, steps)`` (identical requests scored once)."""
+    def lookup(self, requests) -> tuple[list[tuple[float, ...] | None],
+                                        dict[tuple[str, tuple[str, ...], str | None], list[int]]]:
+        """For ``ScoreRequest``s: each one's cached scores (None unless every step is cached in
+        its namespace), and the others grouped by ``(prompt, steps, namespace)`` (identical
+        requests of one namespace scored once)."""
         hits: list[tuple[float, ...] | None] = []
-        todo: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+        todo: dict[tuple[str, tuple[str, ...], str | None], list[int]] = {}
         for i, r in enumerate(requests):
-            key = (r.problem.prompt, tuple(r.steps))
+            key = (r.problem.prompt, tuple(r.steps), r.cache_namespace)
             hits.append(self.get(*key))
             if hits[-1] is None:
                 todo.setdefault(key, []).append(i)
         return hits, todo
 
-    def leading(self, prompt: str, steps: tuple[str, ...]) -> tuple[float, ...]:
+    def leading(self, prompt: str, steps: tuple[str, ...], namespace: str | None = None) -> tuple[float, ...]:
         """The scores of the longest run of leading steps that are all cached (maybe none)."""
         out = []
         for t in range(1, len(steps) + 1):
-            key = (prompt, steps[:t])
+            key = (namespace, prompt, steps[:t])
             score = self._scores.get(key)
             if score is None:
                 break
@@ -50,10 +58,10 @@ class PrefixScores:
             out.append(score)
         return tuple(out)
 
-    def put(self, prompt: str, steps: tuple[str, ...], scores: Sequence[float]) -> None:
+    def put(self, prompt: str, steps: tuple[str, ...], scores: Sequence[float], namespace: str | None = None) -> None:
         for t, s in enumerate(scores):
             if not math.isnan(s):
-                key = (prompt, steps[: t + 1])
+                key = (namespace, prompt, steps[: t + 1])
                 self._scores[key] = s
                 self._scores.move_to_end(key)
         while len(self._scores) > self.capacity:

@@ -64,8 +64,11 @@ RemoteRewardPRM sends the whole text of any other request (a server with prefix
 caching, like vLLM's, re-reads only the new part) and ``StepScores.tokens`` is the
 reply's ``usage.prompt_tokens``; RemoteTagPRM counts the tokens of the prompts it
 sends for the request (local tokenizer). Identical requests (and prefixes) in one
-call are sent once: the copies report 0 tokens. A request that fails after its
-retries never raises: its steps score NaN (the particle dies) and
+call are sent once: the copies report 0 tokens. Both split their cache, and what one
+call shares, by ``ScoreRequest.cache_namespace``, and send a namespaced request with
+vLLM's ``cache_salt`` for it (with the client's extensions on; see
+:mod:`itscale.lm.completions`, "Cache namespaces"), so the server's prefix cache is split
+the same way. A request that fails after its retries never raises: its steps score NaN (the particle dies) and
 ``stats.last_error`` keeps the reason. Scores are clipped to [1e-12, 1 − 1e-12].
 """
 
@@ -166,7 +169,7 @@ class _RemoteScorer(OnClient):
         keys = list(todo)
         results = await asyncio.gather(*(self._score_one(requests[todo[key][0]]) for key in keys))
         for key, (scores, tokens) in zip(keys, results):
-            self._scores.put(*key, scores)
+            self._scores.put(key[0], key[1], scores, namespace=key[2])
             first, *rest = todo[key]
             out[first] = StepScores(scores, tokens)
             for i in rest:
@@ -268,42 +271,49 @@ class RemoteTagPRM(_RemoteScorer):
         self.stats.calls += 1
         self.stats.requests += len(requests)
         known: list[tuple[float, ...]] = []
-        units: dict[tuple[str, tuple[str, ...]], str] = {}  # prefix -> the prompt that scores it
-        owner: dict[tuple[str, tuple[str, ...]], int] = {}  # prefix -> the request its tokens are charged to
+        Prefix = tuple[str | None, str, tuple[str, ...]]  # (namespace, prompt, steps[:t])
+        units: dict[Prefix, str] = {}  # prefix -> the prompt that scores it
+        owner: dict[Prefix, int] = {}  # prefix -> the request its tokens are charged to
         for i, r in enumerate(requests):
             steps = tuple(r.steps)
-            cached = self._scores.leading(r.problem.prompt, steps)
+            cached = self._scores.leading(r.problem.prompt, steps, r.cache_namespace)
             self.stats.cached_steps += len(cached)
             known.append(cached)
             if len(cached) < len(steps):
                 text, ends = self.text(r)
                 for t in range(len(cached), len(steps)):
-                    key = (r.problem.prompt, steps[: t + 1])
+                    key = (r.cache_namespace, r.problem.prompt, steps[: t + 1])
                     if key not in units:
                         units[key], owner[key] = text[: ends[t]], i
-        keys = list(units)
-        chunks = [keys[j:j + self.merge_prompts] for j in range(0, len(keys), self.merge_prompts)]
-        scored: dict[tuple[str, tuple[str, ...]], float] = {}
-        replies = await asyncio.gather(*(self._score_prompts([units[k] for k in c]) for c in chunks))
-        for chunk, scores in zip(chunks, replies):
+        by_namespace: dict[str | None, list[Prefix]] = {}  # one namespace (one cache salt) per HTTP request
+        for key in units:
+            by_namespace.setdefault(key[0], []).append(key)
+        chunks = [(namespace, keys[j:j + self.merge_prompts]) for namespace, keys in by_namespace.items()
+                  for j in range(0, len(keys), self.merge_prompts)]
+        scored: dict[Prefix, float] = {}
+        replies = await asyncio.gather(*(self._score_prompts([units[k] for k in c], ns) for ns, c in chunks))
+        for (_, chunk), scores in zip(chunks, replies):
             scored.update(zip(chunk, scores))
         tokens = [0] * len(requests)
-        for key in keys:
+        for key, unit in units.items():
             if not math.isnan(scored[key]):  # a failed prompt is charged nothing (and retried next time)
-                tokens[owner[key]] += len(encode(self.tokenizer, units[key], add_special_tokens=self._special))
-            self._scores.put(key[0], key[1], [_NAN] * (len(key[1]) - 1) + [scored[key]])
+                tokens[owner[key]] += len(encode(self.tokenizer, unit, add_special_tokens=self._special))
+            self._scores.put(key[1], key[2], [_NAN] * (len(key[2]) - 1) + [scored[key]], namespace=key[0])
         out = []
         for i, r in enumerate(requests):
             steps = tuple(r.steps)
-            scores = known[i] + tuple(scored[(r.problem.prompt, steps[: t + 1])] for t in range(len(known[i]), len(steps)))
+            scores = known[i] + tuple(scored[(r.cache_namespace, r.problem.prompt, steps[: t + 1])]
+                                      for t in range(len(known[i]), len(steps)))
             out.append(StepScores(scores, tokens[i]))
         return out
 
-    async def _score_prompts(self, prompts: list[str]) -> list[float]:
+    async def _score_prompts(self, prompts: list[str], namespace: str | None = None) -> list[float]:
         """One merged request: the tag score after each prompt; NaN for all (never raises) on failure."""
-        sampling = Sampling(max_tokens=1, temperature=0.0, logprobs=self.top_logprobs, keep_stop_strings=False)
+        sampling = Sampling(max_tokens=1, temperature=0.0, logprobs=self.top_logprobs, keep_stop_strings=False,
+                            cache_namespace=namespace)
         try:
-            reply = await self.client.post_completions(prompts, sampling)
+            reply = await self.client.post_learning("completions", lambda: self.client.completions_body(
+                prompts, sampling), resend_after_context_length=False)
             self.stats.http_requests += 1
             completion = self.client.parse(reply, expected=len(prompts))
             try:
@@ -370,8 +380,10 @@ class RemoteRewardPRM(_RemoteScorer):
         return encoded.ids, encoded.marks
 
     async def _send(self, request: ScoreRequest) -> Reply:
-        body = {"model": self.model, "input": self.input_ids(request)[0], **self.extra_body}
-        return await self.client.post(self.endpoint, body)
+        ids = self.input_ids(request)[0]
+        return await self.client.post_learning(self.endpoint, lambda: {
+            "model": self.model, "input": ids, **self.client.cache_fields(request.cache_namespace),
+            **self.extra_body}, resend_after_context_length=False)
 
     def _read(self, request: ScoreRequest, reply: Reply) -> list[float]:
         ids, seps = self.input_ids(request)

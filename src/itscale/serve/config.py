@@ -82,6 +82,10 @@ class ServeConfig(BaseModel):
     header_timeout: float = Field(10.0, gt=0, description="seconds a client has to send its request headers")
     body_timeout: float = Field(10.0, gt=0, description="seconds a client has to send its whole request body")
     progress_interval: float = Field(1.0, gt=0, description="seconds between streamed progress comments")
+    # tenancy
+    cache_isolation: Literal["shared", "per-key"] = Field(
+        "shared", description="shared: every request may reuse what the model caches hold for any request; "
+                              "per-key: a request never reads cache entries another API key's requests wrote")
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServeConfig":

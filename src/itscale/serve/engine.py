@@ -21,22 +21,46 @@ Per-request view of the backends
 Each request sees the shared backends through :class:`RequestPolicy` and
 :class:`RequestPRM`, which
 
-- count its calls and tokens as they happen (streamed as progress comments), and
+- count its calls and tokens as they happen (streamed as progress comments),
 - cap each candidate solution at ``max_tokens`` generated tokens: a request to
   continue a particle that has generated ``u`` tokens asks for at most
   ``max_tokens − u`` more; a step that reaches the cap ends the particle
   (``finish_reason="length"`` in the response when the chosen solution is one of
-  them); a particle already at the cap gets an empty final step without a backend call.
+  them); a particle already at the cap gets an empty final step without a backend call,
+- set the cache namespace (below),
+
+and account for it independently of other requests:
+
+- ``RequestPRM`` charges the request the PRM input tokens it needs as if it ran alone
+  with an empty cache: the chat prompt once, plus each step once per distinct prefix it
+  scored, counted with the PRM's own encoder (``prm.encoder``:
+  :class:`~itscale.rewards.encoding.PRMEncoder`; a PRM without one, like the simulated
+  PRM, is charged its own ``StepScores.tokens``). What the PRM actually computed depends
+  on what its caches already held, that is on other requests, so it is not used. The
+  charge replaces ``StepScores.tokens``, so the run's ``Cost.prm_tokens`` (and PRM FLOPs)
+  follow it.
+- ``RequestPolicy`` drops ``Step.prefilled_tokens`` unless the cache is isolated per key
+  (a shared prefix cache's hits are other keys' traffic).
 
 Randomness: each run draws from ``numpy.random.default_rng(seed)``; the backends'
 sampling seeds come from that stream, so a request with a ``seed`` is
 reproducible. Cancelling the task that runs a request (client gone, timeout,
 shutdown) stops it at its next backend call.
+
+Cache isolation
+---------------
+``cache_isolation="shared"`` (the default) lets every request reuse what the backends
+cached for any request. With ``"per-key"`` the two views put the API key's name on each
+backend request as its ``cache_namespace`` (``StepRequest`` / ``ScoreRequest``), so the
+backends' caches (the KV prefix trees, the PRM score caches, the look-ahead, and a vLLM
+server's prefix cache through ``cache_salt``) serve a request only from what requests
+of the same key stored. Keys with the same name share a namespace.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -50,6 +74,21 @@ from ..types import Problem, Result, ScoreRequest, Step, StepFormat, StepRequest
 from .config import ServeConfig
 from .errors import ApiError, invalid
 from .jobs import Job
+
+
+#: ``--cache-isolation`` choices (see "Cache isolation" above).
+CACHE_ISOLATION = ("shared", "per-key")
+
+
+def _encoder(backend) -> Any:
+    """The PRM's input encoder (``encoder``), looked up through wrappers (``inner``); None if none."""
+    seen = 0
+    while backend is not None and seen < 8:
+        encoder = getattr(backend, "encoder", None)
+        if encoder is not None and hasattr(encoder, "prompt") and hasattr(encoder, "step"):
+            return encoder
+        backend, seen = getattr(backend, "inner", None), seen + 1
+    return None
 
 
 @dataclass
@@ -76,9 +115,12 @@ class Progress:
 class RequestPolicy:
     """The shared policy as one request sees it: token cap and progress (module docstring)."""
 
-    def __init__(self, inner, max_tokens: int, progress: Progress, on_tokens: Callable[[int], None] | None = None):
+    def __init__(self, inner, max_tokens: int, progress: Progress, on_tokens: Callable[[int], None] | None = None,
+                 *, namespace: str | None = None, report_prefill: bool = True):
         self.inner, self.max_tokens, self.progress = inner, max_tokens, progress
         self.on_tokens = on_tokens
+        self.namespace = namespace  # the cache namespace put on every request (None: shared)
+        self.report_prefill = report_prefill  # keep Step.prefilled_tokens (else None)
         self.capped: list[Step] = []  # steps that ended at the cap (kept alive: compared by identity)
 
     @property
@@ -94,9 +136,13 @@ class RequestPolicy:
         used = [sum(s.tokens for s in r.steps) for r in requests]
         live = [i for i, u in enumerate(used) if u < self.max_tokens]
         sent = [dataclasses.replace(requests[i], params=dataclasses.replace(
-            requests[i].params, max_step_tokens=min(requests[i].params.max_step_tokens, self.max_tokens - used[i])))
+            requests[i].params, max_step_tokens=min(requests[i].params.max_step_tokens, self.max_tokens - used[i])),
+            cache_namespace=self.namespace if self.namespace is not None else requests[i].cache_namespace)
             for i in live]
         answers = await self.inner.generate_steps(sent) if sent else []
+        if not self.report_prefill:
+            answers = [[s if s.prefilled_tokens is None else dataclasses.replace(s, prefilled_tokens=None)
+                        for s in steps] for steps in answers]
         out: list[list[Step]] = []
         for r in requests:  # particles already at the cap end with an empty step
             steps = [Step("", finish_reason="eos") for _ in range(r.k)]
@@ -123,21 +169,53 @@ class RequestPolicy:
 
 
 class RequestPRM:
-    """The shared PRM as one request sees it: progress counting only."""
+    """The shared PRM as one request sees it: progress, the cache namespace, and the
+    tokens charged as if the request ran alone (module docstring).
 
-    def __init__(self, inner, progress: Progress):
+    ``encoder`` is the PRM's :class:`~itscale.rewards.encoding.PRMEncoder` (``None``:
+    charge the PRM's own ``StepScores.tokens``). A step is charged the first time the
+    request gets a score (not NaN) for its prefix — ``encoder.step(step)`` ids — and the
+    prompt with the first step charged under it — ``encoder.prompt(prompt)`` ids."""
+
+    def __init__(self, inner, progress: Progress, *, encoder: Any = None, namespace: str | None = None):
         self.inner, self.progress = inner, progress
+        self.encoder, self.namespace = encoder, namespace
+        self._seen: dict[tuple, int] = {}  # ("prompt", text) / (parent id, step text) -> prefix id
 
     @property
     def capabilities(self):
         return self.inner.capabilities
 
     async def score_steps(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
-        out = await self.inner.score_steps(requests)
+        sent = requests
+        if self.namespace is not None:
+            sent = [dataclasses.replace(r, cache_namespace=self.namespace) for r in requests]
+        out = await self.inner.score_steps(sent)
+        if self.encoder is not None:
+            out = [dataclasses.replace(s, tokens=self.charge(r, s)) for r, s in zip(requests, out)]
         self.progress.prm_calls += 1
         self.progress.prm_tokens += sum(s.tokens for s in out)
         self.progress.notify()
         return out
+
+    def charge(self, request: ScoreRequest, scores: StepScores) -> int:
+        """The PRM input tokens of ``request`` this request has not been charged yet."""
+        tokens = 0
+        prompt_key = ("prompt", request.problem.prompt)
+        parent = self._seen.get(prompt_key)
+        for step, score in zip(request.steps, scores.scores):
+            if math.isnan(score):  # not scored (a failure): charged when it is
+                break
+            if parent is None:
+                parent = self._seen[prompt_key] = len(self._seen)
+                tokens += len(self.encoder.prompt(request.problem.prompt)[1])
+            key = (parent, step)
+            node = self._seen.get(key)
+            if node is None:
+                node = self._seen[key] = len(self._seen)
+                tokens += len(self.encoder.step(step)[0])
+            parent = node
+        return tokens
 
 
 @dataclass
@@ -156,7 +234,12 @@ class Engine:
     ``policy``/``prm`` are any :class:`~itscale.protocols.Generator` /
     :class:`~itscale.protocols.ProcessRewardModel` (``prm`` may be ``None``)."""
 
-    def __init__(self, policy, prm, step_format: StepFormat, model_name: str, description: dict | None = None):
+    def __init__(self, policy, prm, step_format: StepFormat, model_name: str, description: dict | None = None,
+                 cache_isolation: str = "shared"):
+        if cache_isolation not in CACHE_ISOLATION:
+            raise ValueError(f"cache_isolation must be one of {', '.join(CACHE_ISOLATION)}, got {cache_isolation!r}")
+        self.cache_isolation = cache_isolation
+        self.prm_encoder = _encoder(prm)
         self.coalescer = Coalescer()
         self.backend = policy  # (for what it can tell about its context)
         self.policy = BatchedGenerator(policy, self.coalescer)
@@ -184,7 +267,7 @@ class Engine:
         if prm is not None:
             description["prm"] = describe(prm_spec, prm)
         remote = getattr(getattr(policy, "inner", policy), "model", None) if policy_spec.is_http else None
-        return cls(policy, prm, fmt, config.model_name(remote), description)
+        return cls(policy, prm, fmt, config.model_name(remote), description, cache_isolation=config.cache_isolation)
 
     def prepare(self, job: Job) -> Run:
         """Bind the job's method to this request's view of the backends. A budget the method
@@ -193,8 +276,12 @@ class Engine:
         with a warning; when the request named it, a 400 listing the budgets the method takes."""
         self.check_context(job)
         progress = Progress()
-        policy = RequestPolicy(self.policy, job.max_tokens, progress, self._count)
-        prm = RequestPRM(self.prm, progress) if self.prm is not None else None
+        isolated = self.cache_isolation == "per-key"
+        namespace = job.key_name if isolated else None
+        policy = RequestPolicy(self.policy, job.max_tokens, progress, self._count, namespace=namespace,
+                               report_prefill=isolated)
+        prm = (RequestPRM(self.prm, progress, encoder=self.prm_encoder, namespace=namespace)
+               if self.prm is not None else None)
         try:
             strategy = make_strategy(job.method, policy, prm, format=self.format, sampling=job.sampling,
                                      **job.params)

@@ -11,13 +11,31 @@ length limit), else ``stop``.
 
 Usage
 -----
-``usage`` reports what the whole search spent, not just the returned text:
-``prompt_tokens`` is the policy's prompt tokens summed over its calls (each request
-to continue a particle counts its context once; ``prompt_tokens_details.cached_tokens``
-is the part served from a prefix cache when the backend reports it),
-``completion_tokens`` every token the policy generated for every candidate,
-``prm_tokens`` the tokens the reward model read, and ``total_tokens`` the sum of
-the three. The ``itscale`` block has the full :class:`~itscale.types.Cost`.
+``usage`` reports what the whole search needs, not just the returned text. It depends
+only on the request and the text its search generated (so, with a local policy, a
+request with a ``seed`` reports the same usage every time), never on what other
+requests, of this key or another, ran before or beside it:
+
+- ``prompt_tokens``: the policy's prompt tokens summed over its calls (each request to
+  continue a particle counts its whole context once, cached or not; a local policy whose
+  tokens span several characters counts a context found in its prefix cache in the
+  tokens stored there, see :mod:`itscale.lm.hf`, which ``--cache-isolation per-key``
+  keeps to the key's own requests);
+- ``completion_tokens``: every token the policy generated for every candidate;
+- ``prm_tokens``: the reward model's input tokens as if the request ran alone with an
+  empty cache: the chat prompt once, plus each step once per distinct prefix the request
+  had scored, counted with the PRM's tokenizer
+  (:class:`~itscale.serve.engine.RequestPRM`) — not what the PRM computed, which is less
+  when its caches already held some of it;
+- ``total_tokens``: the sum of the three;
+- ``prompt_tokens_details.cached_tokens`` (prompt tokens served from the policy's prefix
+  cache instead of being prefilled): only with ``--cache-isolation per-key`` and a policy
+  that reports it; it then reflects this key's own earlier and concurrent requests. With
+  a shared cache it would reveal other keys' traffic, so ``prompt_tokens_details`` is
+  left out.
+
+The ``itscale`` block has the full :class:`~itscale.types.Cost`, under the same rules
+(``prefilled_tokens`` is ``null`` with a shared cache; ``wall_time`` is measured).
 """
 
 from __future__ import annotations
@@ -31,6 +49,8 @@ from .engine import Run
 
 
 def usage(result: Result) -> dict[str, Any]:
+    """The ``usage`` object (module docstring). ``cost.prefilled_tokens`` is set only when the
+    cache is isolated per key (:class:`~itscale.serve.engine.RequestPolicy` drops it otherwise)."""
     c = result.cost
     out: dict[str, Any] = {
         "prompt_tokens": c.prompt_tokens,
