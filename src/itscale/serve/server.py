@@ -66,9 +66,10 @@ def serve(config: ServeConfig, keys: KeyRing, *, log_level: str = "info", access
         log.warning("no API key configured: every request is accepted (listening on %s only)", config.host)
     else:
         log.info("%d API key(s) configured", len(keys.keys))
-    log.info("model %r: default %s with budget %d; limits: budget <= %d, max_tokens <= %d; %d running + %d queued",
-             engine.model_name, config.default_method, config.default_budget, config.limits.max_budget,
-             config.limits.max_tokens, config.max_running, config.max_queue)
+    log.info("model %r: default %s with budget %d; limits: budget <= %d, max_tokens <= %d; %d running + %d queued; "
+             "caches %s", engine.model_name, config.default_method, config.default_budget, config.limits.max_budget,
+             config.limits.max_tokens, config.max_running, config.max_queue,
+             "per key" if config.cache_isolation == "per-key" else "shared by all keys")
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
