@@ -96,18 +96,6 @@ class FormatConfig(_Strict):
     answer_markers: tuple[str, ...] = ("\\boxed{",)
     max_steps: int = Field(32, ge=1)
 
-    def problem_template(self) -> str | None:
-        """``problems.template``; unset, the embedded policy's own for a problem file (its bare
-        prompts), else the loader's default (``boxed`` for files, the task's prompts for bundled sets)."""
-        if self.problems.template is not None:
-            return self.problems.template
-        from .. import zoo
-        from .problems import BUNDLED_PREFIX
-
-        if self.policy.is_embedded and not self.problems.source.startswith(BUNDLED_PREFIX):
-            return zoo.PROMPT_TEMPLATE
-        return None
-
     def step_format(self) -> StepFormat:
         return StepFormat(delimiter=self.delimiter, answer_markers=self.answer_markers, max_steps=self.max_steps)
 
