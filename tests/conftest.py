@@ -42,3 +42,26 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     width = max(len(r[0]) for r in rows)
     for test, variant, statistic, value, verdict in sorted(rows):
         terminalreporter.write_line(f"{test:<{width}}  {variant:<8}  {statistic:<16} {value:>12.4g}  {verdict}")
+
+
+# Keep ``--dist loadgroup`` working for the tests that share a model or a server (xdist groups
+# ``vllm``, ``smollm2``): pytest-xdist 3.8 tags each worker's items with their ``xdist_group`` by
+# appending ``@group`` to ``item._nodeid``; the controller then sends every test of a group to one
+# worker. Since pytest 9.2 ``Item.nodeid`` is derived from ``item._id`` (a structured ``NodeId``),
+# so that tag is lost and the group's tests are spread over the workers (each would start its own
+# vLLM servers or load its own model). This hook re-applies the tag through ``_id`` when (and only
+# when) xdist's own did not take.
+@pytest.hookimpl(trylast=True)  # after xdist's own hook
+def pytest_collection_modifyitems(config, items):
+    if not getattr(config.option, "loadgroup", False):
+        return
+    try:
+        from _pytest.nodeid import NodeId
+    except ImportError:  # pytest < 9.2: xdist's tag works as it is
+        return
+    for item in items:
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                         for m in item.iter_markers("xdist_group")})
+        nodeid = item.nodeid
+        if groups and nodeid.rfind("@") <= nodeid.rfind("]"):  # untagged (the test in xdist's _split_scope)
+            item._id = NodeId.parse(f"{nodeid}@{'_'.join(groups)}")
