@@ -184,7 +184,8 @@ budgets; every setting has a default except `methods`. A minimal config:
 
 All settings (defaults in brackets):
 
-    problems:  source [arithmetic:medium] (or a .jsonl/.parquet file with problem, answer, id, level),
+    problems:  source [arithmetic:medium] (or a .jsonl/.parquet file with problem, answer, id, level;
+               GSM8K's question/answer "... #### N" and MATH's problem/solution "\\boxed{N}" as they are),
                template [files: plain with the embedded policy, else boxed]
                (plain | boxed | steps | a string with {problem}), limit, on_bad_row [fail] (fail | skip)
     policy:    model [embedded] (or a Hugging Face folder, a .gguf file, or http(s):// OpenAI-compatible

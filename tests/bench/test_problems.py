@@ -94,9 +94,11 @@ def test_parquet_bad_rows(tmp_path):
     assert [p.id for p in ps] == ["bad-0"]
     assert [m.split(":", 1)[1] for m in ps.skipped] == [
         "row 1: missing field 'problem'", "row 2: field 'answer' is empty"]
-    pq.write_table(pa.table({"question": ["q"], "answer": ["1"]}), tmp_path / "cols.parquet")
-    with pytest.raises(ProblemSetError, match="missing column 'problem'.*question"):
+    pq.write_table(pa.table({"query": ["q"], "answer": ["1"]}), tmp_path / "cols.parquet")
+    with pytest.raises(ProblemSetError, match="no problem or answer column.*query"):
         load_problems(str(tmp_path / "cols.parquet"))
+    pq.write_table(pa.table({"question": ["q"], "answer": ["x\n#### 1"]}), tmp_path / "gsm8k.parquet")
+    assert [p.answer for p in load_problems(str(tmp_path / "gsm8k.parquet"))] == ["1"]  # GSM8K's columns
 
 
 BAD_ROWS = [
@@ -172,3 +174,23 @@ def test_fingerprint_tracks_ids_prompts_and_answers(tmp_path):
     assert changed.fingerprint() != base.fingerprint()
     plain = load_problems(str(tmp_path / "b.jsonl"), template="plain")
     assert plain.fingerprint() != same.fingerprint()
+
+
+def test_gsm8k_and_math_rows_are_read_without_renaming_fields(tmp_path):
+    gsm8k = {"question": "Natalia sold clips to 48 of her friends in April, and then half as many in May. How many?",
+             "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72"}
+    big = {"question": "How much?", "answer": "It costs 1,000 + 200.\n#### 1,200"}
+    math_row = {"problem": "What is $\\frac{1}{2} + \\frac{1}{4}$?",
+                "solution": "We add: $\\frac{2}{4} + \\frac{1}{4} = \\boxed{\\frac{3}{4}}$.", "level": "Level 1"}
+    path = write_jsonl(tmp_path / "mixed.jsonl", [json.dumps(r) for r in (gsm8k, big, math_row)])
+    pset = load_problems(str(path), template="plain")
+    assert [p.answer for p in pset.problems] == ["72", "1200", "\\frac{3}{4}"]
+    assert pset.problems[0].prompt == gsm8k["question"] and "question" not in pset.problems[0].meta
+    assert pset.problems[0].meta["solution"].endswith("#### 72")  # the worked solution stays in meta
+    assert pset.problems[2].meta["solution"] == math_row["solution"] and pset.problems[2].meta["level"] == "Level 1"
+    bad = write_jsonl(tmp_path / "bad.jsonl", [json.dumps({"problem": "x", "solution": "no box here"}),
+                                              json.dumps({"question": "y", "answer": "worked out ####  "})])
+    with pytest.raises(ProblemSetError, match=r"bad.jsonl:1: field 'solution' has no .boxed"):
+        load_problems(str(bad))
+    with pytest.raises(ProblemSetError, match="has nothing after its '####'"):
+        load_problems(str(write_jsonl(tmp_path / "b2.jsonl", [json.dumps({"question": "y", "answer": "x ####  "})])))

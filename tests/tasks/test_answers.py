@@ -11,6 +11,12 @@ from itscale.tasks.answers import answer_key, extract_answer, last_boxed
     ("A: -12", "-12"),
     ("we get 3 and then 17 apples", "17"),
     ("no numbers here", None),
+    # as GSM8K solutions and chat models write them
+    ("She sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips.\n#### 72", "72"),
+    ("#### 1,200\nafter that, 7", "1,200"),
+    ("So in total she sold 72 clips, and the answer is 72.", "72"),
+    ("The final answer is 3/4 of the cake, 2 slices", "3/4"),
+    ("so the answer is: 18 clips. That uses 3 steps.", "18"),
 ])
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected

@@ -3,9 +3,16 @@ r"""Problem sets for the bench: bundled synthetic sets or JSONL/Parquet files.
 ``load_problems(source)`` takes either a bundled set, ``arithmetic:easy|medium|hard``
 (the task's own prompt format; a template is applied only when given explicitly), or
 a path to a ``.jsonl`` or ``.parquet`` file whose rows have ``problem`` and ``answer``
-fields, plus optional ``id`` and ``level``. Every other field goes into
-``Problem.meta``, and so does the raw question text, as ``meta["problem"]`` (the
-prompt is the question put through a template).
+fields, plus optional ``id`` and ``level``. Rows as the common datasets write them are read
+without renaming:
+
+- GSM8K: ``question`` is the problem, and the reference is what follows the last ``####``
+  of ``answer`` (``"...so 48 + 24 = 72 clips.\n#### 72"`` → ``72``; thousands separators dropped);
+- MATH: ``problem`` with a worked ``solution`` and no ``answer``: the reference is the
+  solution's last ``\boxed{...}``.
+
+Every other field goes into ``Problem.meta``, and so does the raw question text, as
+``meta["problem"]`` (the prompt is the question put through a template).
 
 Templates are named entries of ``TEMPLATES`` or a custom string containing
 ``{problem}``. Only that placeholder is replaced, so LaTeX braces such as ``\boxed{}``
@@ -208,11 +215,11 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
         table = pq.read_table(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for unreadable files
         raise ProblemSetError(f"cannot read Parquet file {str(path)!r}: {e}") from None
-    missing = [c for c in ("problem", "answer") if c not in table.column_names]
-    if missing:
+    columns = set(table.column_names)
+    if not ({"problem", "question"} & columns and {"answer", "solution"} & columns):
         raise ProblemSetError(
-            f"{path}: missing column {', '.join(repr(c) for c in missing)} "
-            f"(columns: {', '.join(table.column_names)}); rows need 'problem' and 'answer' fields"
+            f"{path}: no problem or answer column (columns: {', '.join(table.column_names)}); rows need "
+            "'problem' and 'answer' fields (or GSM8K's 'question' and 'answer', or MATH's 'problem' and 'solution')"
         )
     for i, row in enumerate(table.to_pylist()):
         yield f"row {i}", row
@@ -223,15 +230,37 @@ def _problem_from_row(row: Any, default_id: str, template_text: str) -> Problem:
         raise row
     if not isinstance(row, dict):
         raise _RowError(f"row must be a JSON object with 'problem' and 'answer' fields, got {_kind(row)}")
-    question = _required_text(row, "problem", numbers_ok=False)
-    answer = _required_text(row, "answer", numbers_ok=True)
+    question_field = "question" if row.get("problem") is None and row.get("question") is not None else "problem"
+    question = _required_text(row, question_field, numbers_ok=False)
+    answer = _reference(row)
     problem_id = _optional_text(row, "id") or default_id
-    meta = {k: v for k, v in row.items() if k not in ("id", "problem", "answer", "level")}
+    meta = {k: v for k, v in row.items() if k not in ("id", question_field, "answer", "level")}
+    if isinstance(row.get("answer"), str) and "####" in row["answer"]:  # GSM8K: keep the worked solution
+        meta.setdefault("solution", row["answer"])
     level = _optional_text(row, "level")
     if level is not None:
         meta["level"] = level
     meta["problem"] = question
     return Problem(problem_id, apply_template(template_text, question), answer, meta)
+
+
+def _reference(row: dict) -> str:
+    """The reference answer: ``answer`` (after its last ``####``, GSM8K), else the last
+    ``\boxed{}`` of ``solution`` (MATH)."""
+    from ..tasks.answers import last_boxed
+
+    if row.get("answer") is None and row.get("solution") is not None:
+        solution = _as_text(row["solution"], "solution", numbers_ok=False)
+        boxed = last_boxed(solution)
+        if not boxed:
+            raise _RowError("field 'solution' has no \\boxed{...} answer, and there is no 'answer' field")
+        return boxed
+    answer = _required_text(row, "answer", numbers_ok=True)
+    if "####" in answer:
+        answer = answer.rsplit("####", 1)[1].strip().replace(",", "")
+        if not answer:
+            raise _RowError("field 'answer' has nothing after its '####'")
+    return answer
 
 
 def _required_text(row: dict, field: str, *, numbers_ok: bool) -> str:

@@ -1,7 +1,8 @@
 r"""Final-answer extraction and the key used to group equivalent answers.
 
 Extraction, in order of preference: the last ``\boxed{…}`` (balanced braces), the
-last line that starts with ``Answer:``/``A:``/``The answer is``, the last number.
+last ``#### N`` (GSM8K's marker), the last line that starts with
+``Answer:``/``A:``/``The answer is``, the last "the answer is N" inside a line, the last number.
 ``answer_key`` normalises an answer for voting: whitespace, ``$``, a trailing
 period and thousands separators are dropped and numbers are put in canonical form
 (``3.0`` → ``3``, ``1/2`` stays a string). Bench grading uses math-verify on top.
@@ -13,6 +14,8 @@ import re
 
 _ANSWER_LINE = re.compile(r"^\s*(?:final answer|answer|a|the answer is)\s*[:=]?\s*(.+?)\s*$", re.I | re.M)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_HASHES = re.compile(r"####\s*([^\n]+?)\s*$", re.M)
+_ANSWER_IS = re.compile(r"\bthe (?:final )?answer is[:\s]*(\S+)", re.I)
 
 
 def last_boxed(text: str) -> str | None:
@@ -36,9 +39,15 @@ def extract_answer(text: str) -> str | None:
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed
+    hashes = _HASHES.findall(text)
+    if hashes:
+        return hashes[-1].strip()
     lines = _ANSWER_LINE.findall(text)
     if lines:
         return lines[-1].strip()
+    inline = _ANSWER_IS.findall(text)
+    if inline:
+        return inline[-1].strip("$").rstrip(".,;:!$")
     numbers = _NUMBER.findall(text)
     return numbers[-1] if numbers else None
 
