@@ -383,7 +383,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                                                          "http(s):// OpenAI-compatible URL(s), comma-separated "
                                                          "[embedded]")
     g.add_argument("--prm", default="embedded", help="'embedded', a folder, a URL, or 'none' [embedded]")
-    g.add_argument("--prm-kind", default="tag", choices=["tag", "classifier"], help="how the PRM scores steps [tag]")
+    g.add_argument("--prm-kind", default="tag", choices=["tag", "classifier", "verifier"],
+                   help="how the PRM scores steps: tag, classifier, or verifier (--prm is a Python function "
+                        "module.path:function scoring the latest step) [tag]")
     g.add_argument("--policy-served-model", help="model name on the policy URL (default: the only one)")
     g.add_argument("--prm-served-model", help="model name on the PRM URL (default: the only one)")
     g.add_argument("--policy-tokenizer", help="local tokenizer folder for a policy URL")

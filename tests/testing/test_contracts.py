@@ -298,3 +298,14 @@ def test_a_step_record_is_checked_field_by_field():
                 Step("x", 1, finish_reason="done")):
         with pytest.raises(AssertionError):
             _check_step(bad, request, "bad")
+
+
+class TestCallablePRM(PRMContract):
+    """A Python function as a PRM (the arithmetic task's calculator check) keeps the contract."""
+
+    @pytest.fixture
+    def prm(self):
+        from itscale.rewards import CallablePRM
+        from itscale.tasks.arithmetic import calculator_check
+
+        return CallablePRM(calculator_check)

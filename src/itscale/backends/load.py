@@ -64,6 +64,13 @@ def load_prm(spec: PRMSpec | str | None = None, /, *, delimiter: str = "\n", whe
     spec = _spec(PRMSpec, spec, fields)
     if not spec.enabled:
         return None
+    if spec.kind == "verifier":
+        from ..rewards.verifier import CallablePRM
+
+        try:
+            return CallablePRM.from_reference(str(spec.model))
+        except ValueError as err:
+            raise ValueError(f"{_setting(where, 'model')}: {err}") from None
     from .. import zoo
 
     if spec.is_http:
@@ -86,7 +93,7 @@ def load_prm(spec: PRMSpec | str | None = None, /, *, delimiter: str = "\n", whe
 def check_placement(spec: PolicySpec | PRMSpec, where: str = "policy") -> None:
     """For a local model: ValueError naming the setting when its ``device`` is not present here
     (a CUDA device without CUDA, …). Imports torch; a URL or ``none`` is not checked."""
-    if spec.is_http or (isinstance(spec, PRMSpec) and not spec.enabled):
+    if spec.is_http or (isinstance(spec, PRMSpec) and (not spec.enabled or spec.kind == "verifier")):
         return
     from ..lm.loading import resolve_device
 
@@ -98,6 +105,8 @@ def check_placement(spec: PolicySpec | PRMSpec, where: str = "policy") -> None:
 
 def describe(spec: PolicySpec | PRMSpec, backend: Any) -> str:
     """One line for reports: the folder, or the URL(s) and the served name."""
+    if isinstance(spec, PRMSpec) and spec.kind == "verifier":
+        return f"{spec.model} (a Python verifier)"
     if spec.is_http:
         inner = getattr(backend, "inner", backend)  # (look-ahead wraps the generator)
         return f"{', '.join(spec.urls)} ({getattr(inner, 'model', spec.served_model)})"

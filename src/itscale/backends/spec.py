@@ -12,6 +12,8 @@ bench configuration (``policy:`` / ``prm:``), behind ``itscale serve``'s flags, 
 - a ``.gguf`` file (transformers loads it; needs the ``gguf`` package);
 - one or more ``http(s)://`` URLs of OpenAI-compatible servers (vLLM, llama.cpp, hosted
   APIs), load-balanced;
+- ``module.path:function`` (a PRM of ``kind: verifier``): a Python function that scores the
+  latest step (:mod:`itscale.rewards.verifier`);
 - ``none`` (a PRM only): no reward model.
 
 ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``) and ``dtype`` (``auto``,
@@ -28,7 +30,9 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..rewards.verifier import is_callable_reference
 
 __all__ = ["DEVICES", "DTYPES", "ModelSpec", "PRMSpec", "PolicySpec", "is_url"]
 
@@ -75,8 +79,8 @@ class ModelSpec(BaseModel):
             if bad:
                 raise ValueError(f"a list of models must be http(s):// URLs of one model's servers; {bad[0]!r} is not")
             return value[0] if len(value) == 1 else value
-        if value.lower() in ("embedded", "none") or is_url(value):
-            return value
+        if value.lower() in ("embedded", "none") or is_url(value) or is_callable_reference(value):
+            return value  # (a module:function is imported when loaded: kind verifier)
         path = Path(value).expanduser()
         if value.endswith(".gguf"):
             if not path.is_file():
@@ -120,7 +124,7 @@ class PolicySpec(ModelSpec):
     @field_validator("model")
     @classmethod
     def _a_policy(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, str) and value.lower() == "none":
+        if isinstance(value, str) and (value.lower() == "none" or is_callable_reference(value)):
             raise ValueError("a policy is needed: give 'embedded', a folder, a .gguf file or URL(s)")
         return value
 
@@ -135,9 +139,10 @@ class PRMSpec(ModelSpec):
 
     model: str | list[str] = Field("embedded", description="'embedded', a Hugging Face folder, a .gguf file, one or "
                                                            "more http(s):// URLs, or 'none'")
-    kind: Literal["tag", "classifier"] = Field("tag", description="how the model scores steps: 'tag' (a causal LM "
-                                                                  "read after a tag token) or 'classifier' (token "
-                                                                  "classification at a separator)")
+    kind: Literal["tag", "classifier", "verifier"] = Field(
+        "tag", description="how the model scores steps: 'tag' (a causal LM read after a tag token), 'classifier' "
+                           "(token classification at a separator) or 'verifier' (model is a Python function "
+                           "module.path:function scoring the latest step, see itscale.rewards.verifier)")
     max_batch: int = Field(128, ge=1, description="local model: sequences scored together")
     step_tag: str | None = Field(None, description="the one-token mark after each step: a tag PRM's tag (default "
                                                    "§, the embedded PRM's; Math-Shepherd: ки), a classifier's "
@@ -145,6 +150,15 @@ class PRMSpec(ModelSpec):
     good_token: str = Field("+", min_length=1, description="tag PRM: the token that means 'this step is right'")
     bad_token: str = Field("-", min_length=1, description="tag PRM: the token that means 'this step is wrong'")
     positive_label: int = Field(1, ge=0, description="classifier PRM: the label whose probability is the score")
+
+    @model_validator(mode="after")
+    def _a_verifier_is_a_function(self) -> "PRMSpec":
+        function = isinstance(self.model, str) and is_callable_reference(self.model)
+        if self.kind == "verifier" and not function:
+            raise ValueError("model: a verifier is a Python function: give it as module.path:function")
+        if function and self.kind != "verifier":
+            raise ValueError(f"kind: {self.model!r} names a Python function; set kind: verifier")
+        return self
 
     @property
     def enabled(self) -> bool:

@@ -3,6 +3,7 @@
 The Hugging Face PRMs (``HFTagPRM``, ``HFClassifierPRM``, from :mod:`itscale.rewards.hf`)
 and the HTTP PRMs (``RemoteTagPRM``, ``RemoteRewardPRM``, from :mod:`itscale.rewards.remote`)
 are imported lazily, so importing this package imports neither torch nor httpx.
+:class:`~itscale.rewards.verifier.CallablePRM` makes a Python function a PRM.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from importlib import import_module
 from typing import Any
 
 from .aggregate import AGGREGATIONS, aggregate, aggregate_prefixes
+from .verifier import CallablePRM
 
 _LAZY = {
     "HFTagPRM": "hf", "HFClassifierPRM": "hf", "PRMStats": "hf",
@@ -18,7 +20,7 @@ _LAZY = {
 }
 
 __all__ = [
-    "AGGREGATIONS", "HFClassifierPRM", "HFTagPRM", "PRMStats", "RemotePRMStats", "RemoteRewardPRM", "RemoteTagPRM",
+    "AGGREGATIONS", "CallablePRM", "HFClassifierPRM", "HFTagPRM", "PRMStats", "RemotePRMStats", "RemoteRewardPRM", "RemoteTagPRM",
     "aggregate", "aggregate_prefixes",
 ]
 

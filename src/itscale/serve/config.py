@@ -46,7 +46,7 @@ class ServeConfig(BaseModel):
     policy: str = Field("embedded", description="'embedded', a Hugging Face folder, a .gguf file, or http(s):// "
                                                  "URL(s), comma-separated")
     prm: str = Field("embedded", description="'embedded', a folder, an http(s):// URL, or 'none'")
-    prm_kind: Literal["tag", "classifier"] = "tag"
+    prm_kind: Literal["tag", "classifier", "verifier"] = "tag"
     policy_served_model: str | None = None
     prm_served_model: str | None = None
     policy_tokenizer: str | None = None

@@ -158,6 +158,16 @@ def local_step_labels(problem: Problem, steps: Sequence[str]) -> list[bool | Non
     return out
 
 
+def calculator_check(problem: str, steps: Sequence[str]) -> float:
+    """A programmatic verifier for this task (:class:`itscale.rewards.verifier.CallablePRM`;
+    ``prm: {kind: verifier, model: "itscale.tasks.arithmetic:calculator_check"}``): 1.0 when
+    the latest step is the right next line given the lines before it (the prompt's next
+    operation applied to the previous result, recomputed), else 0.0. A prompt that is not
+    of this task raises ValueError."""
+    labels = local_step_labels(Problem("check", problem), steps)
+    return 1.0 if labels and labels[-1] else 0.0
+
+
 def extract_answer(text: str) -> str | None:
     """The value on the last ``Answer:`` line, or None."""
     for line in reversed(text.strip().split(DELIMITER)):
