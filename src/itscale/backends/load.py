@@ -156,7 +156,7 @@ def _spec(cls, spec, fields: dict):
         return cls(**({"model": spec} if spec is not None else {}), **fields)
     if not isinstance(spec, cls):
         raise TypeError(f"expected a {cls.__name__} or a model string, got {type(spec).__name__}")
-    return cls(**{**spec.model_dump(exclude_unset=True), **fields}) if fields else spec
+    return type(spec)(**{**spec.model_dump(exclude_unset=True), **fields}) if fields else spec
 
 
 def _reading(spec: PRMSpec) -> dict[str, Any]:
