@@ -108,8 +108,7 @@ def describe(spec: PolicySpec | PRMSpec, backend: Any) -> str:
     if isinstance(spec, PRMSpec) and spec.kind == "verifier":
         return f"{spec.model} (a Python verifier)"
     if spec.is_http:
-        inner = getattr(backend, "inner", backend)  # (look-ahead wraps the generator)
-        return f"{', '.join(spec.urls)} ({getattr(inner, 'model', spec.served_model)})"
+        return f"{', '.join(spec.urls)} ({backend.model})"  # (every HTTP backend names its served model)
     from .. import zoo
 
     embedded = zoo.policy_path() if isinstance(spec, PolicySpec) else zoo.prm_path()

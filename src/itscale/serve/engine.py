@@ -80,17 +80,6 @@ from .jobs import Job
 CACHE_ISOLATION = ("shared", "per-key")
 
 
-def _encoder(backend) -> Any:
-    """The PRM's input encoder (``encoder``), looked up through wrappers (``inner``); None if none."""
-    seen = 0
-    while backend is not None and seen < 8:
-        encoder = getattr(backend, "encoder", None)
-        if encoder is not None and hasattr(encoder, "prompt") and hasattr(encoder, "step"):
-            return encoder
-        backend, seen = getattr(backend, "inner", None), seen + 1
-    return None
-
-
 @dataclass
 class Progress:
     """What one request has spent so far; listeners hear about every backend call."""
@@ -239,7 +228,7 @@ class Engine:
         if cache_isolation not in CACHE_ISOLATION:
             raise ValueError(f"cache_isolation must be one of {', '.join(CACHE_ISOLATION)}, got {cache_isolation!r}")
         self.cache_isolation = cache_isolation
-        self.prm_encoder = _encoder(prm)
+        self.prm_encoder = getattr(prm, "encoder", None)  # (PRMEncoder of the HF and remote PRMs)
         self.coalescer = Coalescer()
         self.backend = policy  # (for what it can tell about its context)
         self.policy = BatchedGenerator(policy, self.coalescer)
@@ -266,7 +255,7 @@ class Engine:
         description = {"policy": describe(policy_spec, policy)}
         if prm is not None:
             description["prm"] = describe(prm_spec, prm)
-        remote = getattr(getattr(policy, "inner", policy), "model", None) if policy_spec.is_http else None
+        remote = policy.model if policy_spec.is_http else None  # the served name
         return cls(policy, prm, fmt, config.model_name(remote), description, cache_isolation=config.cache_isolation)
 
     def prepare(self, job: Job) -> Run:

@@ -11,6 +11,7 @@ on exactly the input :class:`~itscale.rewards.hf.HFTagPRM` scores.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import torch
@@ -115,19 +116,11 @@ def tag_ids(tokenizer, fmt: TagFormat = EMBEDDED_TAG_FORMAT) -> tuple[int, int, 
     return ids[0], ids[1], ids[2]
 
 
-_last_encoder: tuple[object, TagFormat, PRMEncoder] | None = None  # the one most recently asked for
-
-
+@lru_cache(maxsize=4)
 def prm_encoder(tokenizer, fmt: TagFormat = EMBEDDED_TAG_FORMAT) -> PRMEncoder:
     """The PRM's input encoder for the arithmetic task: mark ``fmt.tag``, then ``fmt.separator``,
-    steps cut at the task's delimiter (the last one made is reused for the same tokenizer and format)."""
-    global _last_encoder
-    last = _last_encoder
-    if last is not None and last[0] is tokenizer and last[1] == fmt:
-        return last[2]
-    encoder = PRMEncoder(tokenizer, fmt.tag, fmt.separator, delimiter=arithmetic.DELIMITER)
-    _last_encoder = (tokenizer, fmt, encoder)
-    return encoder
+    steps cut at the task's delimiter (made once per tokenizer and format)."""
+    return PRMEncoder(tokenizer, fmt.tag, fmt.separator, delimiter=arithmetic.DELIMITER)
 
 
 def prm_encode(tokenizer, problem: Problem, steps: Sequence[str],
