@@ -162,12 +162,18 @@ def test_a_scoring_request_holds_only_the_scoring_fields(tok, prm_model):
 
 def test_tag_score_bounds_and_token_id_keys():
     top = {"+": math.log(0.5), "a": math.log(0.3), "-": math.log(0.1), "b": math.log(0.05)}
-    assert tag_score(top, ["+"], ["-"], 4) == (pytest.approx(0.5 / 0.6), False)
-    assert tag_score({"a": 0.0}, ["+"], ["-"], 1)[0] != tag_score({"a": 0.0}, ["+"], ["-"], 1)[0]  # NaN
-    score, bounded = tag_score({"a": math.log(0.7), "-": math.log(0.2)}, ["+"], ["-"], 2)
+    assert tag_score(top, [["+"]], [["-"]], 4) == (pytest.approx(0.5 / 0.6), False)
+    assert tag_score({"a": 0.0}, [["+"]], [["-"]], 1)[0] != tag_score({"a": 0.0}, [["+"]], [["-"]], 1)[0]  # NaN
+    score, bounded = tag_score({"a": math.log(0.7), "-": math.log(0.2)}, [["+"]], [["-"]], 2)
     assert bounded and score == pytest.approx(0.2 / 0.4)  # good missing: an upper bound
-    assert tag_score({"token_id:9": math.log(0.3), "token_id:8": math.log(0.1)}, ["+", "token_id:9"],
-                     ["-", "token_id:8"], 2)[0] == pytest.approx(0.75)
+    assert tag_score({"token_id:9": math.log(0.3), "token_id:8": math.log(0.1)}, [["+", "token_id:9"]],
+                     [["-", "token_id:8"]], 2)[0] == pytest.approx(0.75)
+
+
+def test_tag_score_sums_the_tokens_of_a_side_but_not_the_aliases_of_one_token():
+    top = {"Yes": math.log(0.3), " Yes": math.log(0.2), "token_id:5": math.log(0.3), "No": math.log(0.25)}
+    yes = [["Yes", "token_id:5"], [" Yes", "token_id:6"]]  # "Yes" is listed twice (text and id): counted once
+    assert tag_score(top, yes, [["No"], [" No"]], 4) == (pytest.approx(0.5 / 0.75), False)
 
 
 def test_step_prefixes_are_cached(tok, prm_model):

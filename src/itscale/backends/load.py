@@ -8,10 +8,13 @@ that implements :class:`itscale.protocols.Generator` / :class:`~itscale.protocol
 ``model``              policy                                       reward model (``kind``)
 =====================  ===========================================  ==========================================
 ``embedded``, folder,  :class:`~itscale.lm.hf.HFGenerator`          ``tag``: :class:`~itscale.rewards.hf.HFTagPRM`;
-``.gguf`` file         on ``device`` in ``dtype``                   ``classifier``: ``HFClassifierPRM``
+``.gguf`` file         on ``device`` in ``dtype``                   ``classifier``: ``HFClassifierPRM``;
+                                                                    ``judge``: ``HFJudgePRM``;
+                                                                    ``confidence``: ``HFConfidencePRM``
 URL(s)                 :class:`~itscale.lm.openai.OpenAIGenerator`  ``tag``: :class:`~itscale.rewards.remote.RemoteTagPRM`;
                        (wrapped in :class:`~itscale.lm.lookahead.   ``classifier``: ``RemoteRewardPRM``
-                       Lookahead` when ``kv_block`` is set)         (vLLM's ``/pooling``)
+                       Lookahead` when ``kv_block`` is set)         (vLLM's ``/pooling``);
+                                                                    ``judge``: ``RemoteJudgePRM``
 =====================  ===========================================  ==========================================
 
 torch and transformers are imported only when a local model is loaded (an HTTP-only
@@ -74,20 +77,27 @@ def load_prm(spec: PRMSpec | str | None = None, /, *, delimiter: str = "\n", whe
     from .. import zoo
 
     if spec.is_http:
-        from ..rewards.remote import RemoteRewardPRM, RemoteTagPRM
+        from ..rewards.remote import RemoteJudgePRM, RemoteRewardPRM, RemoteTagPRM
 
         name = served_model(spec.urls, spec.served_model, _setting(where, "model"))
         common = dict(tokenizer=_tokenizer(spec, name, zoo.prm_path()), delimiter=delimiter, **_http(spec, where),
                       **_reading(spec))
         if spec.kind == "tag":
             return RemoteTagPRM(spec.urls, name, merge_prompts=spec.merge_prompts, **common)
+        if spec.kind == "judge":
+            return _named(where, lambda: RemoteJudgePRM(spec.urls, name, merge_prompts=spec.merge_prompts, **common))
         return RemoteRewardPRM(spec.urls, name, **common)
-    from ..rewards import HFClassifierPRM, HFTagPRM
+    from ..rewards import HFClassifierPRM, HFConfidencePRM, HFJudgePRM, HFTagPRM
 
     check_placement(spec, where)
-    cls = HFTagPRM if spec.kind == "tag" else HFClassifierPRM
-    return cls.from_pretrained(spec.local_path(zoo.prm_path()), tokenizer=_local_tokenizer(spec), delimiter=delimiter,
-                               device=spec.device, dtype=spec.dtype, max_batch=spec.max_batch, **_reading(spec))
+    kinds = {"tag": HFTagPRM, "classifier": HFClassifierPRM, "judge": HFJudgePRM, "confidence": HFConfidencePRM}
+    cls = kinds[spec.kind]
+    # the embedded model of a confidence PRM is the policy: its own confidence
+    path = spec.local_path(zoo.policy_path() if spec.kind == "confidence" else zoo.prm_path())
+    options = {} if spec.kind == "confidence" else {"delimiter": delimiter}
+    return _named(where, lambda: cls.from_pretrained(path, tokenizer=_local_tokenizer(spec), device=spec.device,
+                                                     dtype=spec.dtype, max_batch=spec.max_batch, **options,
+                                                     **_reading(spec)))
 
 
 def check_placement(spec: PolicySpec | PRMSpec, where: str = "policy") -> None:
@@ -158,8 +168,26 @@ def _spec(cls, spec, fields: dict):
     return type(spec)(**{**spec.model_dump(exclude_unset=True), **fields}) if fields else spec
 
 
+def _named(where: str, make):
+    """``make()``, with a ValueError about the judge's words or template named as a setting."""
+    try:
+        return make()
+    except ValueError as err:
+        message = str(err)
+        for field, start in (("template", "template: "), ("good_token", "yes "), ("bad_token", "no ")):
+            if message.startswith(start):
+                raise ValueError(f"{_setting(where, field)}: {message.removeprefix('template: ')}") from None
+        raise
+
+
 def _reading(spec: PRMSpec) -> dict[str, Any]:
-    """How the PRM reads a solution: the tag format (tag PRM) or the separator and label (classifier)."""
+    """How the PRM reads a solution: the tag format (tag PRM), the separator and label (classifier),
+    the question and answer words (judge) or the measure (confidence)."""
+    if spec.kind == "judge":
+        yes, no = spec.answer_words
+        return {"template": spec.template, "yes": yes, "no": no}
+    if spec.kind == "confidence":
+        return {"measure": spec.measure}
     if spec.kind == "tag":
         from ..rewards.formats import EMBEDDED_TAG_FORMAT, TagFormat
 

@@ -14,6 +14,10 @@ bench configuration (``policy:`` / ``prm:``), behind ``itscale serve``'s flags, 
   APIs), load-balanced;
 - ``module.path:function`` (a PRM of ``kind: verifier``): a Python function that scores the
   latest step (:mod:`itscale.rewards.verifier`);
+- for a PRM of ``kind: judge``, any chat model (local or URL) asked about each step
+  (:mod:`itscale.rewards.judge`); of ``kind: confidence``, a local causal LM (normally the
+  policy's own model; ``embedded`` is the embedded *policy*) whose confidence in the
+  solution is the score (:mod:`itscale.rewards.confidence`);
 - ``none`` (a PRM only): no reward model.
 
 ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``) and ``dtype`` (``auto``,
@@ -139,17 +143,28 @@ class PRMSpec(ModelSpec):
 
     model: str | list[str] = Field("embedded", description="'embedded', a Hugging Face folder, a .gguf file, one or "
                                                            "more http(s):// URLs, or 'none'")
-    kind: Literal["tag", "classifier", "verifier"] = Field(
+    kind: Literal["tag", "classifier", "verifier", "judge", "confidence"] = Field(
         "tag", description="how the model scores steps: 'tag' (a causal LM read after a tag token), 'classifier' "
-                           "(token classification at a separator) or 'verifier' (model is a Python function "
-                           "module.path:function scoring the latest step, see itscale.rewards.verifier)")
+                           "(token classification at a separator), 'verifier' (model is a Python function "
+                           "module.path:function scoring the latest step, see itscale.rewards.verifier), 'judge' "
+                           "(any chat model asked whether the latest step is correct: p(yes)/(p(yes)+p(no)), see "
+                           "itscale.rewards.judge) or 'confidence' (a causal LM's own confidence in the solution, "
+                           "normally the policy's model: see itscale.rewards.confidence)")
     max_batch: int = Field(128, ge=1, description="local model: sequences scored together")
     step_tag: str | None = Field(None, description="the one-token mark after each step: a tag PRM's tag (default "
                                                    "§, the embedded PRM's; Math-Shepherd: ки), a classifier's "
                                                    "separator (default <extra_0>, Qwen2.5-Math-PRM's)")
-    good_token: str = Field("+", min_length=1, description="tag PRM: the token that means 'this step is right'")
-    bad_token: str = Field("-", min_length=1, description="tag PRM: the token that means 'this step is wrong'")
+    good_token: str = Field("+", min_length=1, description="tag PRM: the token that means 'this step is right' "
+                                                         "(judge: the yes word, default Yes)")
+    bad_token: str = Field("-", min_length=1, description="tag PRM: the token that means 'this step is wrong' "
+                                                        "(judge: the no word, default No)")
     positive_label: int = Field(1, ge=0, description="classifier PRM: the label whose probability is the score")
+    template: str | None = Field(None, description="judge: the question about a step, a str.format template with "
+                                                   "{question}, {previous_steps} and {step}, or a file holding it "
+                                                   "(default: itscale.rewards.judge.DEFAULT_TEMPLATE)")
+    measure: Literal["self-certainty", "mean-logprob"] = Field(
+        "self-certainty", description="confidence: self-certainty (mean KL from uniform of the next-token "
+                                      "distributions; Kang et al. 2025) or mean-logprob (mean token log-probability)")
 
     @model_validator(mode="after")
     def _a_verifier_is_a_function(self) -> "PRMSpec":
@@ -158,7 +173,24 @@ class PRMSpec(ModelSpec):
             raise ValueError("model: a verifier is a Python function: give it as module.path:function")
         if function and self.kind != "verifier":
             raise ValueError(f"kind: {self.model!r} names a Python function; set kind: verifier")
+        if self.template is not None:
+            if self.kind != "judge":
+                raise ValueError("template: only a judge (kind: judge) reads a template")
+            from ..rewards.judge import load_template
+
+            load_template(self.template)  # a bad template is an error now, not at the first step
+        if "measure" in self.model_fields_set and self.kind != "confidence":
+            raise ValueError("measure: only kind: confidence has a measure")
+        if self.kind == "confidence" and self.is_http:
+            raise ValueError("kind: confidence reads the model's logits over every token: give a local folder or "
+                             ".gguf file (an HTTP model can be a judge)")
         return self
+
+    @property
+    def answer_words(self) -> tuple[str, str]:
+        """A judge's yes and no words: the good and bad tokens when set, else Yes and No."""
+        set_ = self.model_fields_set
+        return (self.good_token if "good_token" in set_ else "Yes", self.bad_token if "bad_token" in set_ else "No")
 
     @property
     def enabled(self) -> bool:

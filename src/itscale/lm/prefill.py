@@ -34,10 +34,10 @@ from typing import Sequence
 
 import torch
 
-from .hf_cache import cache_states, dynamic_cache
+from .hf_cache import accepts, cache_states, dynamic_cache
 from .kv_cache import KV, KVNode
 
-__all__ = ["PrefillBatch", "any_kv", "left_padded_kv", "left_padding_mask", "slice_kv"]
+__all__ = ["PrefillBatch", "any_kv", "left_padded_kv", "left_padding_mask", "slice_kv", "tail_logits"]
 
 
 def any_kv(nodes: Sequence[KVNode]) -> KV | None:
@@ -135,3 +135,24 @@ class PrefillBatch:
         ``[start, stop)`` (cache columns ``P + N − n_b + start`` up to ``P + N − n_b + stop``)."""
         first = self.past + self.column(row, 0)
         return slice_kv(cache_states(self.cache), row, first + start, first + stop)
+
+
+def tail_logits(model, rows: Sequence[Sequence[int]], keep: int, pad_id: int, device) -> torch.Tensor:
+    """Next-token logits at the last ``keep`` positions of each row, from one left-padded pass with no cache.
+
+    Row b's ids fill the last ``n_b`` of ``L = max_b n_b`` columns (positions ``0..n_b−1``), so
+    ``out[b, keep − 1]`` predicts what follows row b and ``out[b, keep − 1 − j]`` is read after
+    its last ``j`` tokens (columns before a short row's start are padding: never read them).
+    Returns ``[B, keep, V]`` in float32 (``logits_to_keep`` is passed when the model takes it,
+    so only those columns go through the output layer)."""
+    B, L = len(rows), max(len(ids) for ids in rows)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    lengths = torch.tensor([len(ids) for ids in rows])
+    for b, ids in enumerate(rows):
+        input_ids[b, L - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
+    mask = left_padding_mask(lengths, L)
+    positions = (torch.cumsum(mask, dim=1) - 1).clamp(min=0)
+    extra = {"logits_to_keep": keep} if accepts(model, "logits_to_keep") else {}
+    out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                use_cache=False, **extra)
+    return out.logits[:, -keep:].float()

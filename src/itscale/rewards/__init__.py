@@ -1,7 +1,9 @@
 """Scorers: process reward models, outcome verifiers, and score aggregation.
 
 The Hugging Face PRMs (``HFTagPRM``, ``HFClassifierPRM``, from :mod:`itscale.rewards.hf`)
-and the HTTP PRMs (``RemoteTagPRM``, ``RemoteRewardPRM``, from :mod:`itscale.rewards.remote`)
+the LLM judges (``HFJudgePRM``, ``RemoteJudgePRM``; :mod:`itscale.rewards.judge`), the policy's
+own confidence (``HFConfidencePRM``, :mod:`itscale.rewards.confidence`) and the HTTP PRMs
+(``RemoteTagPRM``, ``RemoteRewardPRM``, from :mod:`itscale.rewards.remote`)
 are imported lazily, so importing this package imports neither torch nor httpx.
 :class:`~itscale.rewards.verifier.CallablePRM` makes a Python function a PRM.
 """
@@ -15,12 +17,14 @@ from .aggregate import AGGREGATIONS, aggregate, aggregate_prefixes
 from .verifier import CallablePRM
 
 _LAZY = {
-    "HFTagPRM": "hf", "HFClassifierPRM": "hf", "PRMStats": "hf",
-    "RemoteTagPRM": "remote", "RemoteRewardPRM": "remote", "RemotePRMStats": "remote",
+    "HFTagPRM": "hf", "HFClassifierPRM": "hf", "HFJudgePRM": "hf", "PRMStats": "hf",
+    "HFConfidencePRM": "confidence",
+    "RemoteTagPRM": "remote", "RemoteRewardPRM": "remote", "RemoteJudgePRM": "remote", "RemotePRMStats": "remote",
 }
 
 __all__ = [
-    "AGGREGATIONS", "CallablePRM", "HFClassifierPRM", "HFTagPRM", "PRMStats", "RemotePRMStats", "RemoteRewardPRM", "RemoteTagPRM",
+    "AGGREGATIONS", "CallablePRM", "HFClassifierPRM", "HFConfidencePRM", "HFJudgePRM", "HFTagPRM", "PRMStats",
+    "RemoteJudgePRM", "RemotePRMStats", "RemoteRewardPRM", "RemoteTagPRM",
     "aggregate", "aggregate_prefixes",
 ]
 

@@ -56,13 +56,14 @@ import torch
 from ..lm.hf_cache import accepts, cache_kwarg, check_full_attention, tokens_for_bytes
 from ..lm.kv_cache import KVNode, KVStore, new_root
 from ..lm.loading import ModelLoadError, count_parameters, load_hf, single_token_id
-from ..lm.prefill import PrefillBatch
+from ..lm.prefill import PrefillBatch, tail_logits
 from ..types import Capabilities, ScoreRequest, StepScores
 from .encoding import PRMEncoder
 from .formats import EMBEDDED_TAG_FORMAT, TagFormat
-from .prefix_cache import PrefixScores
+from .judge import JudgePrompt, answer_ids
+from .prefix_cache import PrefixScores, StepUnits
 
-__all__ = ["HFClassifierPRM", "HFTagPRM", "ModelLoadError", "PRMStats"]
+__all__ = ["HFClassifierPRM", "HFJudgePRM", "HFTagPRM", "ModelLoadError", "PRMStats"]
 
 _EPS = 1e-12
 
@@ -83,11 +84,11 @@ class PRMStats:
         return asdict(self)
 
 
-def _clip(p: float) -> float:
+def clip_probability(p: float) -> float:
     return min(max(p, _EPS), 1.0 - _EPS)
 
 
-class _HFScorer:
+class HFScorer:
     """Loading, threading and the input encoder (``self.encoder``, set by each PRM) shared by the PRMs."""
 
     kind = "causal_lm"
@@ -135,7 +136,7 @@ class _Job:
     nodes: list[KVNode] | None = None
 
 
-class HFTagPRM(_HFScorer):
+class HFTagPRM(HFScorer):
     """A causal LM scoring each step by P(good | tag) (see the module docstring).
 
     ``path_or_model``: a model folder, a ``.gguf`` file or a model object (then ``tokenizer``
@@ -194,7 +195,7 @@ class HFTagPRM(_HFScorer):
             chains = self._full_plan(unique, tokens)
         out: list[StepScores | None] = [None] * len(requests)
         for key, idx in unique.items():
-            scores = tuple(_clip(n.value) for n in chains[key][1:])  # [0] is the prompt node
+            scores = tuple(clip_probability(n.value) for n in chains[key][1:])  # [0] is the prompt node
             out[idx[0]] = StepScores(scores, tokens[key])
             for i in idx[1:]:
                 out[i] = StepScores(scores, 0)
@@ -294,7 +295,7 @@ class HFTagPRM(_HFScorer):
             job.nodes = nodes
 
 
-class HFClassifierPRM(_HFScorer):
+class HFClassifierPRM(HFScorer):
     """A token-classification PRM read at a separator token after each step (Qwen2.5-Math-PRM style).
 
     Input: the chat prompt, then each step's text (without its delimiter) followed by
@@ -345,7 +346,7 @@ class HFClassifierPRM(_HFScorer):
 
     def _score(self, requests: list[ScoreRequest]) -> list[StepScores]:
         hits, todo = self._scores.lookup(requests)
-        out: list[StepScores | None] = [None if hit is None else StepScores(tuple(_clip(s) for s in hit), 0)
+        out: list[StepScores | None] = [None if hit is None else StepScores(tuple(clip_probability(s) for s in hit), 0)
                                         for hit in hits]
         self.stats.cached_steps += sum(len(hit) for hit in hits if hit is not None)
         keys = sorted(todo, key=lambda k: len(k[0]) + sum(map(len, k[1])))  # similar lengths share a batch
@@ -355,9 +356,9 @@ class HFClassifierPRM(_HFScorer):
             for key, (scores, n_tokens) in zip(chunk, results):
                 self._scores.put(key[0], key[1], scores, namespace=key[2])
                 first, *rest = todo[key]
-                out[first] = StepScores(tuple(_clip(s) for s in scores), n_tokens)
+                out[first] = StepScores(tuple(clip_probability(s) for s in scores), n_tokens)
                 for i in rest:
-                    out[i] = StepScores(tuple(_clip(s) for s in scores), 0)
+                    out[i] = StepScores(tuple(clip_probability(s) for s in scores), 0)
         return out  # type: ignore[return-value]
 
     def _forward(self, requests: list[ScoreRequest]) -> list[tuple[list[float], int]]:
@@ -379,3 +380,51 @@ class HFClassifierPRM(_HFScorer):
             self.stats.scored_steps += len(seps)
             out.append((probs[b, seps].tolist(), len(ids)))
         return out
+
+
+class HFJudgePRM(HFScorer):
+    """A local chat model as an LLM judge (:mod:`itscale.rewards.judge`): step t scores
+    ``p(yes) / (p(yes) + p(no))`` for the judge's first answer token to a question about it.
+
+    ``path_or_model``, ``tokenizer``, ``device``, ``dtype`` as for :class:`HFTagPRM`;
+    ``template`` as for :func:`~itscale.rewards.judge.load_template`; ``yes`` / ``no`` the
+    answer words; ``delimiter`` the policy's step delimiter; ``max_batch`` questions per
+    forward pass. Scores are cached by step prefix; a question longer than the model's
+    positions scores NaN (that particle dies)."""
+
+    kind = "causal_lm"
+
+    def __init__(self, path_or_model: Any, tokenizer: Any = None, *, template: str | None = None,
+                 yes: str = "Yes", no: str = "No", delimiter: str = "\n\n", max_batch: int = 16,
+                 device: Any = "auto", dtype: Any = "auto", cache_size: int = 1 << 17,
+                 system_prompt: str | None = None, run_in_thread: bool = True):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self._load(path_or_model, tokenizer, device, dtype)
+        self.prompt = JudgePrompt(self.tokenizer, template, delimiter=delimiter, system_prompt=system_prompt)
+        self.yes_ids, self.no_ids = answer_ids(self.tokenizer, yes, no)
+        self.max_batch, self.run_in_thread = int(max_batch), run_in_thread
+        self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
+        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+        self._scores = PrefixScores(cache_size)
+
+    def clear_cache(self) -> None:
+        self._scores.clear()
+
+    def _score(self, requests: list[ScoreRequest]) -> list[StepScores]:
+        plan = StepUnits(self._scores, requests, self.prompt.ids)
+        self.stats.cached_steps += plan.cached_steps
+        fits = lambda k: not self.max_positions or len(plan.units[k]) <= self.max_positions  # noqa: E731
+        scored = {k: float("nan") for k in plan.units if not fits(k)}
+        keys = sorted((k for k in plan.units if fits(k)), key=lambda k: len(plan.units[k]))  # similar lengths
+        for start in range(0, len(keys), self.max_batch):
+            chunk = keys[start:start + self.max_batch]
+            rows = [plan.units[k] for k in chunk]
+            z = tail_logits(self.model, rows, 1, self.pad_id, self.device)[:, -1].to(torch.float64)
+            verdict = torch.sigmoid(torch.logsumexp(z[:, self.yes_ids], -1) - torch.logsumexp(z[:, self.no_ids], -1))
+            scored.update((k, clip_probability(s)) for k, s in zip(chunk, verdict.tolist()))
+            self.stats.forward_passes += 1
+            self.stats.sequences += len(rows)
+            self.stats.tokens += sum(map(len, rows))
+            self.stats.scored_steps += len(rows)
+        return plan.finish(scored, len)

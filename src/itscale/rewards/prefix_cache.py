@@ -69,3 +69,61 @@ class PrefixScores:
 
     def clear(self) -> None:
         self._scores.clear()
+
+
+Prefix = tuple[str | None, str, tuple[str, ...]]  # (namespace, prompt, steps[:t])
+
+
+class StepUnits:
+    """A call's uncached steps for a scorer that reads each step *separately* (a unit per step).
+
+    A tag PRM behind a completions server reads step t from the text up to its t-th tag; an
+    LLM judge reads a question about step t. Either way step t's score depends only on
+    ``(prompt, steps[:t])``, so only the steps past each request's cached leading run are
+    read, and a prefix shared by several requests of one namespace is read once (its tokens
+    are charged to the first request that needs it). Use::
+
+        plan = StepUnits(cache, requests, unit)   # unit(request, t) -> what to send for step t
+        scores = {key: ... for key in plan.units}  # NaN for a unit that failed
+        out = plan.finish(scores, tokens)          # StepScores per request; NaN never cached
+    """
+
+    def __init__(self, cache: PrefixScores, requests, unit):
+        self.cache, self.requests = cache, list(requests)
+        self.known: list[tuple[float, ...]] = []
+        self.units: dict[Prefix, object] = {}  # prefix -> what reads it
+        self.owner: dict[Prefix, int] = {}  # prefix -> the request its tokens are charged to
+        self.cached_steps = 0
+        for i, r in enumerate(self.requests):
+            steps = tuple(r.steps)
+            cached = cache.leading(r.problem.prompt, steps, r.cache_namespace)
+            self.cached_steps += len(cached)
+            self.known.append(cached)
+            for t in range(len(cached), len(steps)):
+                key = (r.cache_namespace, r.problem.prompt, steps[: t + 1])
+                if key not in self.units:
+                    self.units[key], self.owner[key] = unit(r, t), i
+
+    def by_namespace(self) -> dict[str | None, list[Prefix]]:
+        out: dict[str | None, list[Prefix]] = {}
+        for key in self.units:
+            out.setdefault(key[0], []).append(key)
+        return out
+
+    def finish(self, scored: dict[Prefix, float], tokens_of) -> list:
+        """Store the new scores and build each request's ``StepScores``; ``tokens_of(unit)`` is
+        what reading a unit cost (a failed unit is charged nothing and read again next time)."""
+        from ..types import StepScores
+
+        tokens = [0] * len(self.requests)
+        for key, unit in self.units.items():
+            if not math.isnan(scored[key]):
+                tokens[self.owner[key]] += tokens_of(unit)
+            self.cache.put(key[1], key[2], [math.nan] * (len(key[2]) - 1) + [scored[key]], namespace=key[0])
+        out = []
+        for i, r in enumerate(self.requests):
+            steps = tuple(r.steps)
+            scores = self.known[i] + tuple(scored[(r.cache_namespace, r.problem.prompt, steps[: t + 1])]
+                                           for t in range(len(self.known[i]), len(steps)))
+            out.append(StepScores(scores, tokens[i]))
+        return out

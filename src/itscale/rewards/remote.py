@@ -75,6 +75,7 @@ the same way. A request that fails after its retries never raises: its steps sco
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
@@ -85,9 +86,10 @@ from ..lm.loading import encode, single_token_id
 from ..types import Capabilities, ScoreRequest, StepScores
 from .encoding import PRMEncoder
 from .formats import EMBEDDED_TAG_FORMAT, TagFormat
-from .prefix_cache import PrefixScores
+from .judge import JudgePrompt, answer_ids
+from .prefix_cache import PrefixScores, StepUnits
 
-__all__ = ["RemotePRMStats", "RemoteRewardPRM", "RemoteTagPRM", "tag_score"]
+__all__ = ["RemoteJudgePRM", "RemotePRMStats", "RemoteRewardPRM", "RemoteTagPRM", "tag_score"]
 
 _EPS = 1e-12
 _NAN = float("nan")
@@ -114,16 +116,20 @@ def _clip(p: float) -> float:
     return p if math.isnan(p) else min(max(p, _EPS), 1.0 - _EPS)
 
 
-def tag_score(top: Mapping[str, float], good: Sequence[str], bad: Sequence[str], k: int) -> tuple[float, bool]:
+def tag_score(top: Mapping[str, float], good: Sequence[Sequence[str]], bad: Sequence[Sequence[str]],
+              k: int) -> tuple[float, bool]:
     """``(p(good) / (p(good) + p(bad)), bounded)`` from one position's top-k log-probabilities.
 
-    ``good`` / ``bad`` are the keys a token may appear under. A token missing from the
-    top-k gets the k-th largest probability there (an upper bound on its own), and
-    ``bounded`` is True; NaN when both are missing.
+    ``good`` / ``bad`` are groups of keys, one group per token (a tag PRM's ``+``; a judge's
+    ``Yes`` and ``␣Yes``), each group the keys that token's entry may appear under (its text,
+    ``token_id:N``); p(good) sums the tokens' probabilities. When no token of one side is in
+    the top-k, that side gets the k-th largest probability there (an upper bound on any one
+    missing token) and ``bounded`` is True; NaN when both sides are missing.
     """
-    def prob(keys: Sequence[str]) -> float | None:
-        values = [top[key] for key in keys if key in top and top[key] is not None]
-        return math.exp(max(values)) if values else None
+    def prob(groups: Sequence[Sequence[str]]) -> float | None:
+        found = [max(top[key] for key in keys if key in top and top[key] is not None) for keys in groups
+                 if any(key in top and top[key] is not None for key in keys)]
+        return sum(math.exp(v) for v in found) if found else None
 
     p_good, p_bad = prob(good), prob(bad)
     if p_good is None and p_bad is None:
@@ -247,13 +253,18 @@ class RemoteTagPRM(_RemoteScorer):
         self._setup(base_url, model, tokenizer, system_prompt, delimiter, cache_size, n_parameters, extra_body,
                     extensions=extensions, api_key=api_key, max_concurrency=max_concurrency, timeout=timeout,
                     retries=retries, transport=transport)
-        self.format, self.top_logprobs = format, int(top_logprobs)
-        self.merge_prompts = int(merge_prompts)
+        self.top_logprobs, self.merge_prompts = int(top_logprobs), int(merge_prompts)
+        self._reader(format, delimiter, system_prompt)
+
+    def _reader(self, format: TagFormat, delimiter: str, system_prompt: str | None) -> None:
+        """How steps are read: the encoder, and the good and bad tokens' keys (one group each)."""
+        self.format = format
         self.encoder = PRMEncoder(self.tokenizer, format.tag, format.separator, delimiter=delimiter,
                                   system_prompt=system_prompt)
         self._special = self.encoder.adds_special_tokens()  # whether tokenizing a prompt adds special tokens
-        self._good = self._keys(format.good, "the PRM good token")
-        self._bad = self._keys(format.bad, "the PRM bad token")
+        self._good = (self._keys(format.good, "the PRM good token"),)
+        self._bad = (self._keys(format.bad, "the PRM bad token"),)
+        self._names, self._where = (format.good, format.bad), "after a tag"
 
     @property
     def extensions(self) -> bool:
@@ -270,42 +281,22 @@ class RemoteTagPRM(_RemoteScorer):
     async def score_steps(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
         self.stats.calls += 1
         self.stats.requests += len(requests)
-        known: list[tuple[float, ...]] = []
-        Prefix = tuple[str | None, str, tuple[str, ...]]  # (namespace, prompt, steps[:t])
-        units: dict[Prefix, str] = {}  # prefix -> the prompt that scores it
-        owner: dict[Prefix, int] = {}  # prefix -> the request its tokens are charged to
-        for i, r in enumerate(requests):
-            steps = tuple(r.steps)
-            cached = self._scores.leading(r.problem.prompt, steps, r.cache_namespace)
-            self.stats.cached_steps += len(cached)
-            known.append(cached)
-            if len(cached) < len(steps):
-                text, ends = self.text(r)
-                for t in range(len(cached), len(steps)):
-                    key = (r.cache_namespace, r.problem.prompt, steps[: t + 1])
-                    if key not in units:
-                        units[key], owner[key] = text[: ends[t]], i
-        by_namespace: dict[str | None, list[Prefix]] = {}  # one namespace (one cache salt) per HTTP request
-        for key in units:
-            by_namespace.setdefault(key[0], []).append(key)
-        chunks = [(namespace, keys[j:j + self.merge_prompts]) for namespace, keys in by_namespace.items()
+        units = functools.cache(self.step_units)
+        plan = StepUnits(self._scores, requests, lambda request, t: units(request)[t])
+        self.stats.cached_steps += plan.cached_steps
+        # one namespace (one cache salt) per HTTP request
+        chunks = [(namespace, keys[j:j + self.merge_prompts]) for namespace, keys in plan.by_namespace().items()
                   for j in range(0, len(keys), self.merge_prompts)]
-        scored: dict[Prefix, float] = {}
-        replies = await asyncio.gather(*(self._score_prompts([units[k] for k in c], ns) for ns, c in chunks))
+        scored: dict = {}
+        replies = await asyncio.gather(*(self._score_prompts([plan.units[k] for k in c], ns) for ns, c in chunks))
         for (_, chunk), scores in zip(chunks, replies):
             scored.update(zip(chunk, scores))
-        tokens = [0] * len(requests)
-        for key, unit in units.items():
-            if not math.isnan(scored[key]):  # a failed prompt is charged nothing (and retried next time)
-                tokens[owner[key]] += len(encode(self.tokenizer, unit, add_special_tokens=self._special))
-            self._scores.put(key[1], key[2], [_NAN] * (len(key[2]) - 1) + [scored[key]], namespace=key[0])
-        out = []
-        for i, r in enumerate(requests):
-            steps = tuple(r.steps)
-            scores = known[i] + tuple(scored[(r.cache_namespace, r.problem.prompt, steps[: t + 1])]
-                                      for t in range(len(known[i]), len(steps)))
-            out.append(StepScores(scores, tokens[i]))
-        return out
+        return plan.finish(scored, lambda text: len(encode(self.tokenizer, text, add_special_tokens=self._special)))
+
+    def step_units(self, request: ScoreRequest) -> list[str]:
+        """What is sent to score each step: the text up to the end of its tag."""
+        text, ends = self.text(request)
+        return [text[:end] for end in ends]
 
     async def _score_prompts(self, prompts: list[str], namespace: str | None = None) -> list[float]:
         """One merged request: the tag score after each prompt; NaN for all (never raises) on failure."""
@@ -330,8 +321,8 @@ class RemoteTagPRM(_RemoteScorer):
             self.stats.bounded_steps += bounded
             if math.isnan(score):
                 self.stats.failed_steps += 1
-                self.stats.last_error = (f"{reply.endpoint}: neither {self.format.good!r} nor {self.format.bad!r} "
-                                         f"is in the top {self.top_logprobs} after a tag")
+                self.stats.last_error = (f"{reply.endpoint}: neither {self._names[0]!r} nor {self._names[1]!r} "
+                                         f"is in the top {self.top_logprobs} {self._where}")
             else:
                 self.stats.scored_steps += 1
             scores.append(_clip(score))
@@ -404,3 +395,36 @@ class RemoteRewardPRM(_RemoteScorer):
             weights = [math.exp(v - top) for v in row]
             row = [w / sum(weights) for w in weights]
         return row[self.positive_label]
+
+
+class RemoteJudgePRM(RemoteTagPRM):
+    """A chat model behind an OpenAI-compatible completions server as an LLM judge
+    (:mod:`itscale.rewards.judge`): step t scores ``p(yes) / (p(yes) + p(no))`` from the top
+    log-probabilities of one token after the judge's question about it, rendered here with the
+    judge's chat template (so ``tokenizer`` is required, as for :class:`RemoteTagPRM`).
+
+    ``template``, ``yes``, ``no`` as for :class:`~itscale.rewards.hf.HFJudgePRM`; ``delimiter``
+    the policy's step delimiter; every other argument as for :class:`RemoteTagPRM`. A yes or
+    no spelling missing from the top-k is bounded as :func:`tag_score` says; when neither side
+    is there the step scores NaN and ``stats.last_error`` says so."""
+
+    def __init__(self, base_url: str | Sequence[str] | EndpointPool, model: str, *, template: str | None = None,
+                 yes: str = "Yes", no: str = "No", delimiter: str = "\n\n", **kwargs: Any):
+        self._words = (template, yes, no)
+        super().__init__(base_url, model, delimiter=delimiter, **kwargs)
+
+    def _reader(self, format: TagFormat, delimiter: str, system_prompt: str | None) -> None:
+        template, yes, no = self._words
+        self.prompt = JudgePrompt(self.tokenizer, template, delimiter=delimiter, system_prompt=system_prompt)
+        self._special = self.prompt.adds_special_tokens()
+        yes_ids, no_ids = answer_ids(self.tokenizer, yes, no)
+        self._good, self._bad = self._groups(yes_ids), self._groups(no_ids)
+        self._names, self._where = (yes, no), "as the judge's first answer token"
+
+    def _groups(self, ids: list[int]) -> tuple[tuple[str, ...], ...]:
+        """Each answer token's keys in a top-logprobs entry: its text and ``token_id:N``."""
+        return tuple((self.tokenizer.decode([i]), f"token_id:{i}") for i in ids)
+
+    def step_units(self, request: ScoreRequest) -> list[str]:
+        """The judge's whole input about each step."""
+        return [self.prompt.text(request, t)[0] for t in range(len(request.steps))]

@@ -46,7 +46,9 @@ class ServeConfig(BaseModel):
     policy: str = Field("embedded", description="'embedded', a Hugging Face folder, a .gguf file, or http(s):// "
                                                  "URL(s), comma-separated")
     prm: str = Field("embedded", description="'embedded', a folder, an http(s):// URL, or 'none'")
-    prm_kind: Literal["tag", "classifier", "verifier"] = "tag"
+    prm_kind: Literal["tag", "classifier", "verifier", "judge", "confidence"] = "tag"
+    prm_template: str | None = Field(None, description="judge: the question about a step (a template or a file)")
+    prm_measure: Literal["self-certainty", "mean-logprob"] | None = Field(None, description="confidence: the measure")
     policy_served_model: str | None = None
     prm_served_model: str | None = None
     policy_tokenizer: str | None = None
@@ -121,9 +123,10 @@ class ServeConfig(BaseModel):
 
     def prm_spec(self) -> PRMSpec:
         """The reward model as a backend spec (``model: none`` when there is none)."""
+        optional = {k: v for k, v in (("template", self.prm_template), ("measure", self.prm_measure)) if v is not None}
         return PRMSpec(model=_models(self.prm), kind=self.prm_kind, served_model=self.prm_served_model,
                        tokenizer=self.prm_tokenizer, max_batch=self.prm_max_batch, step_tag=self.prm_step_tag,
-                       device=self.prm_device or self.device, dtype=self.prm_dtype or self.dtype)
+                       device=self.prm_device or self.device, dtype=self.prm_dtype or self.dtype, **optional)
 
     @property
     def prm_enabled(self) -> bool:

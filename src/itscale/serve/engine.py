@@ -249,7 +249,8 @@ class Engine:
 
         fmt = FORMATS[config.step_format_name]
         policy_spec, prm_spec = config.policy_spec(), config.prm_spec()
-        log(f"loading policy {config.policy!r} and PRM {config.prm!r}")
+        kind = "" if config.prm_kind == "tag" or not config.prm_enabled else f" ({config.prm_kind})"
+        log(f"loading policy {config.policy!r} and PRM {config.prm!r}{kind}")
         policy = load_policy(policy_spec, where="--policy")
         prm = load_prm(prm_spec, delimiter=fmt.delimiter, where="--prm")
         description = {"policy": describe(policy_spec, policy)}
