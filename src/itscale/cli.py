@@ -1,4 +1,4 @@
-"""The ``itscale`` command line: ``itscale demo | bench | serve | zoo ...``
+"""The ``itscale`` command line: ``itscale demo | bench | serve | solve | zoo ...``
 (also ``python -m itscale``; ``itscale --version``).
 
 Each command group registers itself with one ``add_*_parser`` function and runs
@@ -184,8 +184,8 @@ budgets; every setting has a default except `methods`. A minimal config:
 
 All settings (defaults in brackets):
 
-    problems:  source [arithmetic:medium] (or a .jsonl/.parquet file with problem, answer, id, level;
-               GSM8K's question/answer "... #### N" and MATH's problem/solution "\\boxed{N}" as they are),
+    problems:  source [arithmetic:medium] (or word_problems:v1, or a .jsonl/.parquet file with problem, answer,
+               id, level; GSM8K's question/answer "... #### N" and MATH's problem/solution "\\boxed{N}" as they are),
                template [files: plain with the embedded policy, else boxed]
                (plain | boxed | steps | a string with {problem}), limit, on_bad_row [fail] (fail | skip)
     policy:    model [embedded] (or a Hugging Face folder, a .gguf file, or http(s):// OpenAI-compatible
@@ -311,6 +311,70 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_demo)
 
 
+# --------------------------------------------------------------------------- models (serve, solve)
+
+
+def add_model_options(g: argparse._ActionsContainer) -> None:
+    """The options that name and place the policy and the PRM, shared by ``itscale serve`` and
+    ``itscale solve``; :func:`model_settings` turns them into ``ServeConfig`` fields."""
+    g.add_argument("--policy", default="embedded", help="'embedded', a Hugging Face folder, a .gguf file, or "
+                                                         "http(s):// OpenAI-compatible URL(s), comma-separated "
+                                                         "[embedded]")
+    g.add_argument("--prm", default="embedded", help="'embedded', a folder, a URL, or 'none' [embedded]")
+    g.add_argument("--prm-kind", default="tag", choices=["tag", "classifier", "verifier", "judge", "confidence"],
+                   help="how the PRM scores steps: tag, classifier, verifier (--prm is a Python function "
+                        "module.path:function scoring the latest step), judge (--prm is any chat model asked "
+                        "whether each step is correct) or confidence (--prm is the policy's model: its own "
+                        "self-certainty) [tag]")
+    g.add_argument("--prm-template", help="judge: the question about a step, a file or a template with {question}, "
+                                          "{previous_steps} and {step}")
+    g.add_argument("--prm-measure", choices=["self-certainty", "mean-logprob"],
+                   help="confidence: self-certainty or mean token log-probability [self-certainty]")
+    g.add_argument("--policy-served-model", help="model name on the policy URL (default: the only one)")
+    g.add_argument("--prm-served-model", help="model name on the PRM URL (default: the only one)")
+    g.add_argument("--policy-tokenizer", help="local tokenizer folder for a policy URL")
+    g.add_argument("--prm-tokenizer", help="local tokenizer folder for a PRM URL")
+    g.add_argument("--prm-step-tag", help="the PRM's one-token mark after each step: a tag PRM's tag [§; "
+                                          "Math-Shepherd: ки], a classifier's separator [<extra_0>]")
+    g.add_argument("--format", choices=["arithmetic", "math"],
+                   help="step format (default: arithmetic for the embedded policy, math otherwise)")
+    g.add_argument("--threads", type=int, help="torch CPU threads")
+    g.add_argument("--max-batch", type=int, default=256, help="rows the local policy decodes together [256]")
+    dtypes = ["auto", "float32", "bfloat16", "float16"]
+    g.add_argument("--device", default="auto", help="where local models run: auto (CUDA when present), cpu, cuda, "
+                                                     "cuda:N, mps [auto]")
+    g.add_argument("--dtype", default="auto", choices=dtypes,
+                   help="local models' dtype (auto: float32, or the checkpoint's 16-bit dtype on a GPU) [auto]")
+    for role in ("policy", "prm"):
+        g.add_argument(f"--{role}-device", help=f"the {role.upper() if role == 'prm' else role}'s device "
+                                                "(default: --device)")
+        g.add_argument(f"--{role}-dtype", choices=dtypes, help="its dtype (default: --dtype)")
+
+
+def model_settings(ns: argparse.Namespace) -> dict:
+    """The :class:`~itscale.serve.config.ServeConfig` fields of :func:`add_model_options`."""
+    fields = ("policy", "prm", "prm_kind", "prm_template", "prm_measure", "policy_served_model", "prm_served_model", "policy_tokenizer",
+              "prm_tokenizer", "prm_step_tag", "format", "threads", "max_batch", "device", "dtype", "policy_device",
+              "policy_dtype", "prm_device", "prm_dtype")
+    return {f: getattr(ns, f) for f in fields}
+
+
+def option_errors(err, renames: dict[str, str] | None = None) -> list[str]:
+    """A ``ServeConfig`` validation error as lines naming the command-line options
+    (``--prm-kind: ...``); ``renames`` maps a field to its option where the names differ."""
+    from .serve.errors import field_path
+
+    lines = []
+    for e in err.errors():
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["loc"]:
+            msg = f"{field_path(e['loc']).removeprefix('limits.')}: {msg}"
+        flag = msg.split(":", 1)[0]  # the field, written as its option
+        option = (renames or {}).get(flag, flag)
+        lines.append(f"--{option.replace('_', '-')}{msg[len(flag):]}")
+    return lines
+
+
 # --------------------------------------------------------------------------- serve
 
 SERVE_HELP = """\
@@ -335,7 +399,6 @@ def _serve(ns: argparse.Namespace) -> int:
 
     from .serve.auth import KeyFileError
     from .serve.config import Limits, ServeConfig
-    from .serve.errors import field_path
     from .serve.methods import ALIASES
     from .serve.server import StartupError, configure_logging, key_ring, serve
 
@@ -344,25 +407,17 @@ def _serve(ns: argparse.Namespace) -> int:
     try:
         limits = Limits(max_budget=ns.max_budget, max_tokens=ns.max_tokens)
         config = ServeConfig(
-            policy=ns.policy, prm=ns.prm, prm_kind=ns.prm_kind, policy_served_model=ns.policy_served_model,
-            prm_served_model=ns.prm_served_model, policy_tokenizer=ns.policy_tokenizer,
-            prm_tokenizer=ns.prm_tokenizer, prm_step_tag=ns.prm_step_tag, served_model_name=ns.served_model_name, format=ns.format,
-            threads=ns.threads, max_batch=ns.max_batch, device=ns.device, dtype=ns.dtype,
-            policy_device=ns.policy_device, policy_dtype=ns.policy_dtype, prm_device=ns.prm_device,
-            prm_dtype=ns.prm_dtype, temperature=ns.temperature, top_p=ns.top_p,
-            step_tokens=ns.step_tokens, default_method=ALIASES.get(default_method, default_method), default_budget=ns.default_budget,
+            **model_settings(ns), served_model_name=ns.served_model_name, temperature=ns.temperature,
+            top_p=ns.top_p, step_tokens=ns.step_tokens, default_method=ALIASES.get(default_method, default_method),
+            default_budget=ns.default_budget,
             limits=limits, host=ns.host, port=ns.port, allow_open=ns.allow_open, max_running=ns.max_running,
             max_queue=ns.max_queue, request_timeout=ns.request_timeout, graceful_timeout=ns.graceful_timeout,
             header_timeout=ns.header_timeout, body_timeout=ns.body_timeout,
             progress_interval=ns.progress_interval, cache_isolation=ns.cache_isolation)
         keys = key_ring(config, ns.api_key or (), ns.api_key_file)
     except ValidationError as err:
-        for e in err.errors():
-            msg = e["msg"].removeprefix("Value error, ")
-            if e["loc"]:
-                msg = f"{field_path(e['loc']).removeprefix('limits.')}: {msg}"
-            flag = msg.split(":", 1)[0]  # the field, written as its option
-            print(f"itscale serve: --{flag.replace('_', '-')}{msg[len(flag):]}", file=sys.stderr)
+        for line in option_errors(err):
+            print(f"itscale serve: {line}", file=sys.stderr)
         return 2
     except (KeyFileError, StartupError) as err:
         print(f"itscale serve: {err}", file=sys.stderr)
@@ -379,33 +434,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible server applying a scaling method per request",
                        description=SERVE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("models")
-    g.add_argument("--policy", default="embedded", help="'embedded', a Hugging Face folder, a .gguf file, or "
-                                                         "http(s):// OpenAI-compatible URL(s), comma-separated "
-                                                         "[embedded]")
-    g.add_argument("--prm", default="embedded", help="'embedded', a folder, a URL, or 'none' [embedded]")
-    g.add_argument("--prm-kind", default="tag", choices=["tag", "classifier", "verifier"],
-                   help="how the PRM scores steps: tag, classifier, or verifier (--prm is a Python function "
-                        "module.path:function scoring the latest step) [tag]")
-    g.add_argument("--policy-served-model", help="model name on the policy URL (default: the only one)")
-    g.add_argument("--prm-served-model", help="model name on the PRM URL (default: the only one)")
-    g.add_argument("--policy-tokenizer", help="local tokenizer folder for a policy URL")
-    g.add_argument("--prm-tokenizer", help="local tokenizer folder for a PRM URL")
-    g.add_argument("--prm-step-tag", help="the PRM's one-token mark after each step: a tag PRM's tag [§; "
-                                          "Math-Shepherd: ки], a classifier's separator [<extra_0>]")
+    add_model_options(g)
     g.add_argument("--served-model-name", help="model name clients use (default: 'tiny' for the embedded policy)")
-    g.add_argument("--format", choices=["arithmetic", "math"],
-                   help="step format (default: arithmetic for the embedded policy, math otherwise)")
-    g.add_argument("--threads", type=int, help="torch CPU threads")
-    g.add_argument("--max-batch", type=int, default=256, help="rows the local policy decodes together [256]")
-    dtypes = ["auto", "float32", "bfloat16", "float16"]
-    g.add_argument("--device", default="auto", help="where local models run: auto (CUDA when present), cpu, cuda, "
-                                                     "cuda:N, mps [auto]")
-    g.add_argument("--dtype", default="auto", choices=dtypes,
-                   help="local models' dtype (auto: float32, or the checkpoint's 16-bit dtype on a GPU) [auto]")
-    for role in ("policy", "prm"):
-        g.add_argument(f"--{role}-device", help=f"the {role.upper() if role == 'prm' else role}'s device "
-                                                "(default: --device)")
-        g.add_argument(f"--{role}-dtype", choices=dtypes, help="its dtype (default: --dtype)")
     g = p.add_argument_group("methods and limits")
     g.add_argument("--default-method",
                    help="method when a request names none [particle_filtering; self_consistency with --prm none]")
@@ -445,11 +475,54 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_serve)
 
 
+# --------------------------------------------------------------------------- solve
+
+SOLVE_HELP = """\
+Answer one question with an inference-time scaling method and show how it got there:
+the answer, the chosen solution, and the final candidates with their weights and scores.
+
+    itscale solve "Start at 3. Apply in order: +4, *2, -1."
+    itscale solve "QUESTION" --policy path/to/model --prm path/to/prm --method pf --budget 16
+    echo "QUESTION" | itscale solve - --json
+
+The models are named and placed as for `itscale serve` (default: the embedded pair, which
+knows only its arithmetic task); methods and aliases as `itscale bench --methods` and the
+server name them (pf, tsmc, pg, pt, bon, wbon, sc/majority, asc, beam, dvts, greedy).
+--json prints one JSON object on standard output and nothing else.
+"""
+
+
+def _solve(ns: argparse.Namespace) -> int:
+    from .cli_solve import run_solve
+
+    return run_solve(ns)
+
+
+def add_solve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("solve", help="answer one question with a scaling method; candidates, weights and scores",
+                       description=SOLVE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("question", metavar="QUESTION", help="the question, or - to read it from standard input")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", help="method name or alias [particle_filtering; self_consistency with --prm none]")
+    g.add_argument("--budget", type=int, default=8, help="samples or particles the method may use [8]")
+    g.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="a method parameter (repeatable; VALUE read as JSON when it is), e.g. --param beam_width=2")
+    g.add_argument("--seed", type=int, help="makes the run reproducible with local models (default: a random "
+                                            "seed, shown in the output)")
+    g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature [0.8]")
+    g.add_argument("--top-p", type=float, default=1.0, help="top-p [1.0]")
+    g.add_argument("--max-tokens", type=int, default=512, help="token limit of each candidate solution [512]")
+    g.add_argument("--step-tokens", type=int, default=48, help="token limit of one step [48]")
+    g.add_argument("--json", action="store_true", help="print one JSON object on standard output, nothing else")
+    add_model_options(p.add_argument_group("models"))
+    p.set_defaults(func=_solve)
+
+
 # --------------------------------------------------------------------------- entry point
 
 #: One function per command group; a new group appends its own.
 PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [add_zoo_parser, add_bench_parser,
-                                                                add_serve_parser]
+                                                                add_serve_parser, add_solve_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

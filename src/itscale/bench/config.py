@@ -3,7 +3,7 @@
 Example (YAML)::
 
     problems:
-      source: arithmetic:medium      # or a .jsonl / .parquet file with problem, answer[, id, level]
+      source: arithmetic:medium      # or word_problems:v1, or a .jsonl / .parquet file: problem, answer[, id, level]
       limit: 100
     policy:
       model: embedded                # or a Hugging Face folder, a .gguf file, or http(s):// URL(s)
@@ -59,7 +59,8 @@ class _Strict(BaseModel):
 
 
 class ProblemsConfig(_Strict):
-    source: str = Field("arithmetic:medium", description="bundled set 'arithmetic:LEVEL' or a .jsonl/.parquet file")
+    source: str = Field("arithmetic:medium", description="bundled set 'arithmetic:LEVEL' or 'word_problems:v1', "
+                                                         "or a .jsonl/.parquet file")
     template: str | None = Field(None, description="prompt template: plain, boxed, steps, or a string with {problem} "
                                                    "(default for a file: plain with the embedded policy, else boxed)")
     limit: int | None = Field(None, ge=1, description="use the first LIMIT problems")
@@ -68,9 +69,9 @@ class ProblemsConfig(_Strict):
     @field_validator("source")
     @classmethod
     def _a_source_that_exists(cls, value: str) -> str:
-        from .problems import BUNDLED_PREFIX, BUNDLED_SETS
+        from .problems import BUNDLED_PREFIX, BUNDLED_SETS, SHIPPED_FILES
 
-        if not value.startswith(BUNDLED_PREFIX) and not Path(value).is_file():
+        if not value.startswith(BUNDLED_PREFIX) and value not in SHIPPED_FILES and not Path(value).is_file():
             what = "is a folder, not a file" if Path(value).is_dir() else "does not exist"
             raise ValueError(f"problem file {value!r} {what} (bundled sets: {', '.join(BUNDLED_SETS)})")
         return value
@@ -247,7 +248,8 @@ class BenchConfig(_Strict):
 
 
 #: Settings added after stores existed, left out of the store key while at their defaults.
-_ADDED_LATER = {"dtype": "auto", "step_tag": None, "good_token": "+", "bad_token": "-", "positive_label": 1}
+_ADDED_LATER = {"dtype": "auto", "step_tag": None, "good_token": "+", "bad_token": "-", "positive_label": 1,
+                "template": None, "measure": "self-certainty"}
 
 
 class _Unbound:

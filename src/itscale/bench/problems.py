@@ -1,7 +1,9 @@
 r"""Problem sets for the bench: bundled synthetic sets or JSONL/Parquet files.
 
 ``load_problems(source)`` takes either a bundled set, ``arithmetic:easy|medium|hard``
-(the task's own prompt format; a template is applied only when given explicitly), or
+(the task's own prompt format; a template is applied only when given explicitly), a
+shipped problem file by name, ``word_problems:v1`` (:mod:`itscale.tasks.word_problems`;
+read like any file, so the ``boxed`` template applies unless another is given), or
 a path to a ``.jsonl`` or ``.parquet`` file whose rows have ``problem`` and ``answer``
 fields, plus optional ``id`` and ``level``. Rows as the common datasets write them are read
 without renaming:
@@ -35,11 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ..tasks import arithmetic
+from ..tasks import arithmetic, word_problems
 from ..types import Problem
 
 BUNDLED_PREFIX = "arithmetic:"
-BUNDLED_SETS = tuple(f"{BUNDLED_PREFIX}{level}" for level in arithmetic.LEVELS)
+#: Problem files shipped with the package, by the name a config gives as ``problems.source``.
+SHIPPED_FILES: Mapping[str, Callable[[], Path]] = {word_problems.NAME: word_problems.data_path}
+BUNDLED_SETS = tuple(f"{BUNDLED_PREFIX}{level}" for level in arithmetic.LEVELS) + tuple(SHIPPED_FILES)
 DEFAULT_FILE_TEMPLATE = "boxed"
 TASK_TEMPLATE = "task"  # the template name recorded for bundled sets used as shipped
 CUSTOM_TEMPLATE = "custom"
@@ -110,7 +114,7 @@ def load_problems(
     on_bad_row: Literal["fail", "skip"] = "fail",
     warn: Callable[[str], None] | None = None,
 ) -> ProblemSet:
-    """Load a bundled set (``arithmetic:<level>``) or a ``.jsonl``/``.parquet`` file.
+    """Load a bundled set (``arithmetic:<level>``, ``word_problems:v1``) or a ``.jsonl``/``.parquet`` file.
 
     ``template`` names an entry of ``TEMPLATES`` or is a custom string containing
     ``{problem}``; files default to ``"boxed"``, bundled sets keep their own prompts
@@ -124,6 +128,9 @@ def load_problems(
     source = str(source)
     if source.startswith(BUNDLED_PREFIX):
         return _load_bundled(source, template, limit)
+    if source in SHIPPED_FILES:
+        pset = _load_file(SHIPPED_FILES[source](), template or DEFAULT_FILE_TEMPLATE, limit, on_bad_row, warn)
+        return ProblemSet(source, pset.problems, pset.template, pset.skipped)
     return _load_file(Path(source), template or DEFAULT_FILE_TEMPLATE, limit, on_bad_row, warn)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar, Literal, Sequence
 
@@ -151,7 +152,10 @@ class Strategy(ABC):
         scores: Sequence[float] | None = None,
         **fields: Any,
     ) -> Result:
-        """Build a Result from final particles and their (unnormalised ≥ 0) weights."""
+        """Build a Result from final particles and their (unnormalised ≥ 0) weights; ``scores``
+        default to each particle's latest PRM score in this run (``RunContext.scored``), if any."""
+        if scores is None and ctx.scored:
+            scores = [ctx.scored.get(p.text, math.nan) if p is not None else math.nan for p in particles]
         cands = candidates(particles, weights, scores)
         if not cands:
             failure = ctx.failure_message()  # the backend failed every time: an error, not a wrong answer
@@ -204,7 +208,7 @@ def candidates(particles, weights, scores=None) -> list[Candidate]:
     for i, p in enumerate(particles):
         if p is None or w[i] == 0:
             continue
-        s = None if scores is None else float(scores[i])
+        s = None if scores is None or math.isnan(float(scores[i])) else float(scores[i])
         out.append(Candidate(p.text, answer_of(p), float(w[i]), s, p))
     return out
 

@@ -43,6 +43,7 @@ class RunContext:
     started: float = field(default_factory=time.perf_counter)
     failures: dict[str, int] = field(default_factory=dict)  # why continuations failed, and how often
     produced: int = 0  # continuations that did not fail
+    scored: dict[str, float] = field(default_factory=dict)  # solution text -> its latest aggregated PRM score
 
     # -- policy ---------------------------------------------------------------------
     def _params(self, temperature: float | None = None) -> SamplingParams:
@@ -151,8 +152,12 @@ class RunContext:
         return [tuple(s.scores) for s in out]
 
     async def prm_scores(self, particles: Sequence[Particle]) -> np.ndarray:
-        """The aggregated PRM score of each particle; NaN where scoring failed."""
-        return np.array([aggregate(s, self.aggregation) if s else math.nan for s in await self.step_scores(particles)])
+        """The aggregated PRM score of each particle; NaN where scoring failed. Each is also kept in
+        ``scored`` under the particle's text, so a result can show its final candidates' scores
+        without asking the PRM again."""
+        out = np.array([aggregate(s, self.aggregation) if s else math.nan for s in await self.step_scores(particles)])
+        self.scored.update(zip((p.text for p in particles), out.tolist()))
+        return out
 
     async def outcome_scores(self, particles: Sequence[Particle]) -> np.ndarray:
         """Outcome-scorer values when one is configured, else the aggregated PRM score."""
