@@ -158,6 +158,9 @@ def test_a_progress_line_on_a_terminal_and_never_on_standard_output(engine_cache
     (["solve", PROBLEM, "--param", "temperature=0"], ["--param", "temperature"]),
     (["solve", PROBLEM, "--param", "sampling=1"], ["--param sampling"]),
     (["solve", PROBLEM, "--max-tokens", "0"], ["--max-tokens"]),
+    (["solve", PROBLEM, "--prm-measure", "mean-logprob"], ["--prm-measure", "only kind: confidence"]),
+    (["solve", PROBLEM, "--prm-kind", "judge", "--prm-template", "no field"], ["--prm-template", "{step}"]),
+    (["solve", PROBLEM, "--prm-kind", "confidence", "--prm", "http://127.0.0.1:9/v1"], ["--prm-kind", "local"]),
 ])
 def test_bad_input_is_refused_before_loading_naming_the_option(capsys, monkeypatch, args, words):
     from itscale.serve.engine import Engine

@@ -328,6 +328,8 @@ def add_model_options(g: argparse._ActionsContainer) -> None:
                         "self-certainty) [tag]")
     g.add_argument("--prm-template", help="judge: the question about a step, a file or a template with {question}, "
                                           "{previous_steps} and {step}")
+    g.add_argument("--prm-good-token", help="tag PRM: the token meaning 'right' [+]; judge: the yes word [Yes]")
+    g.add_argument("--prm-bad-token", help="tag PRM: the token meaning 'wrong' [-]; judge: the no word [No]")
     g.add_argument("--prm-measure", choices=["self-certainty", "mean-logprob"],
                    help="confidence: self-certainty or mean token log-probability [self-certainty]")
     g.add_argument("--policy-served-model", help="model name on the policy URL (default: the only one)")
@@ -353,7 +355,8 @@ def add_model_options(g: argparse._ActionsContainer) -> None:
 
 def model_settings(ns: argparse.Namespace) -> dict:
     """The :class:`~itscale.serve.config.ServeConfig` fields of :func:`add_model_options`."""
-    fields = ("policy", "prm", "prm_kind", "prm_template", "prm_measure", "policy_served_model", "prm_served_model", "policy_tokenizer",
+    fields = ("policy", "prm", "prm_kind", "prm_template", "prm_measure", "prm_good_token", "prm_bad_token",
+              "policy_served_model", "prm_served_model", "policy_tokenizer",
               "prm_tokenizer", "prm_step_tag", "format", "threads", "max_batch", "device", "dtype", "policy_device",
               "policy_dtype", "prm_device", "prm_dtype")
     return {f: getattr(ns, f) for f in fields}

@@ -37,6 +37,10 @@ class Limits(BaseModel):
     max_running: int | None = Field(None, ge=1)
 
 
+#: Fields of a reward-model spec whose errors come from a check across fields, named in its message.
+_NAMED_BY_SPEC = ("template", "measure", "kind")
+
+
 class ServeConfig(BaseModel):
     """The settings of one server (the ``itscale serve`` options)."""
 
@@ -48,6 +52,8 @@ class ServeConfig(BaseModel):
     prm: str = Field("embedded", description="'embedded', a folder, an http(s):// URL, or 'none'")
     prm_kind: Literal["tag", "classifier", "verifier", "judge", "confidence"] = "tag"
     prm_template: str | None = Field(None, description="judge: the question about a step (a template or a file)")
+    prm_good_token: str | None = Field(None, description="tag PRM: the good token; judge: the yes word")
+    prm_bad_token: str | None = Field(None, description="tag PRM: the bad token; judge: the no word")
     prm_measure: Literal["self-certainty", "mean-logprob"] | None = Field(None, description="confidence: the measure")
     policy_served_model: str | None = None
     prm_served_model: str | None = None
@@ -108,10 +114,14 @@ class ServeConfig(BaseModel):
                 build()
             except ValidationError as err:
                 e = err.errors()[0]
-                field = str(e["loc"][0]) if e["loc"] else "model"
+                message = e["msg"].removeprefix("Value error, ")
+                named = message.split(":", 1)[0]  # a check across fields names the field it blames
+                field = str(e["loc"][0]) if e["loc"] else (named if named in _NAMED_BY_SPEC else "model")
                 flag = role if field == "model" else (f"{role}_{field}" if field not in ("device", "dtype")
                                                       or getattr(self, f"{role}_{field}") is not None else field)
-                raise ValueError(f"{flag}: {e['msg'].removeprefix('Value error, ')}") from None
+                if not e["loc"] and field in _NAMED_BY_SPEC:
+                    message = message.split(":", 1)[1].lstrip()
+                raise ValueError(f"{flag}: {message}") from None
         return self
 
     def policy_spec(self) -> PolicySpec:
@@ -123,7 +133,9 @@ class ServeConfig(BaseModel):
 
     def prm_spec(self) -> PRMSpec:
         """The reward model as a backend spec (``model: none`` when there is none)."""
-        optional = {k: v for k, v in (("template", self.prm_template), ("measure", self.prm_measure)) if v is not None}
+        optional = {k: v for k, v in (("template", self.prm_template), ("measure", self.prm_measure),
+                                      ("good_token", self.prm_good_token), ("bad_token", self.prm_bad_token))
+                    if v is not None}
         return PRMSpec(model=_models(self.prm), kind=self.prm_kind, served_model=self.prm_served_model,
                        tokenizer=self.prm_tokenizer, max_batch=self.prm_max_batch, step_tag=self.prm_step_tag,
                        device=self.prm_device or self.device, dtype=self.prm_dtype or self.dtype, **optional)
