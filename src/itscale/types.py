@@ -30,6 +30,12 @@ class Problem:
 class Step:
     """One generated continuation.
 
+    ``carry`` is text the step's last token produced past the stop string that ended it (a
+    byte-level BPE token such as ``"\n\n   "`` holding the delimiter and more): the step's
+    text ends at the stop, and the particle's next step begins with ``carry``, so that the
+    concatenated steps are the text the model generated (a backend that continues a step
+    reads it after the step's text; empty for most steps).
+
     ``tokens`` counts generated tokens. ``prompt_tokens`` and ``prefilled_tokens``
     (prompt tokens sent / actually recomputed, when the backend reports it) are set
     on the first continuation of each request and 0 on its siblings, so summing
@@ -45,6 +51,7 @@ class Step:
     logprob: float | None = None
     finish_reason: str = "stop"
     error: str | None = None
+    carry: str = ""
 
     @property
     def failed(self) -> bool:
@@ -157,6 +164,11 @@ class StepRequest:
     @property
     def prefix(self) -> str:
         return "".join(s.text for s in self.steps)
+
+    @property
+    def carry(self) -> str:
+        """What the continuation begins with: the last step's ``carry`` (see :class:`Step`)."""
+        return self.steps[-1].carry if self.steps else ""
 
 
 @dataclass(frozen=True)

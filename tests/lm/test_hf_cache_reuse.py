@@ -110,8 +110,9 @@ def test_continuing_a_generated_step_prefills_nothing(char_tokenizer, tiny_lm):
 
 
 def test_stop_inside_a_multi_character_token(tmp_path):
-    """A token '.\\nA' crosses the stop '\\n': the step ends at '.\\n', the token is not cached,
-    and continuing the step re-reads exactly the characters after the cached tokens."""
+    """A token '.\nA' crosses the stop '\n': the step ends at '.\n' and carries 'A'; the next
+    step begins with 'A' and continues from the cached states after the whole token (nothing
+    prefilled), giving what recomputation from the text gives."""
     tok = make_tokenizer()
     tok.add_tokens([".\nA"])
     model = tiny_causal_lm(tok, seed=4, biases={".\nA": 4.0, "\n": -30.0, "<|end|>": -30.0})
@@ -119,19 +120,34 @@ def test_stop_inside_a_multi_character_token(tmp_path):
     p = PROBLEMS[1]
     req = StepRequest(p, (), 8, SamplingParams(temperature=1.0, max_step_tokens=40, seed=3), ("\n",))
     (a,), (b,) = reuse.generate_steps_sync([req]), plain.generate_steps_sync([req])
-    assert [s.text for s in a] == [s.text for s in b]
+    assert [(s.text, s.carry) for s in a] == [(s.text, s.carry) for s in b]
     stopped = [s for s in a if s.finish_reason == "stop"]
-    assert stopped and all(s.text.endswith(".\n") and "A" not in s.text[-1:] for s in stopped)
-    assert all(s.tokens == len(s.text) - 1 for s in stopped)  # '.\nA' is one token, 'A' cut off
+    assert stopped and all(s.text.endswith(".\n") and s.carry == "A" for s in stopped)
+    assert all(s.tokens == len(s.text) - 1 for s in stopped)  # '.\nA' is one token, its 'A' carried
     before = reuse.stats.prefilled_tokens
     nxt = [StepRequest(p, (s,), 1, SamplingParams(temperature=1.0, max_step_tokens=10, seed=9), ("\n",)) for s in stopped]
     xs, ys = reuse.generate_steps_sync(nxt), plain.generate_steps_sync(nxt)
+    assert all(x[0].text.startswith("A") for x in xs)  # the rest of the token begins the next step
     assert [x[0].text for x in xs] == [y[0].text for y in ys]
     assert max(abs(x[0].logprob - y[0].logprob) for x, y in zip(xs, ys)) < 1e-4
-    # each distinct step re-reads '.\n' (2 character tokens), or the whole step if nothing came before it
-    distinct = {s.text: s for s in stopped}.values()
-    expected = sum(min(len(s.text), 2) for s in distinct)
-    assert reuse.stats.prefilled_tokens - before == expected
+    assert reuse.stats.prefilled_tokens == before  # every continuation resumed after the whole token
+
+
+def test_a_carry_that_holds_the_stop_string_is_a_step_of_its_own():
+    """'.\n\n' as one token with the stop '\n': the step ends at the first '\n' and carries '\n', which
+    is a whole step by itself (no token generated); the step after it goes on from the cached states."""
+    tok = make_tokenizer()
+    tok.add_tokens([".\n\n"])
+    model = tiny_causal_lm(tok, seed=4, biases={".\n\n": 4.0, "\n": -30.0, "<|end|>": -30.0})
+    g = gen(model, tok)
+    p, params = PROBLEMS[1], SamplingParams(temperature=1.0, max_step_tokens=40, seed=3)
+    (first,) = g.generate_steps_sync([StepRequest(p, (), 1, params, ("\n",))])[0]
+    assert first.text.endswith(".\n") and first.carry == "\n"
+    (blank,) = g.generate_steps_sync([StepRequest(p, (first,), 1, params, ("\n",))])[0]
+    assert (blank.text, blank.carry, blank.tokens, blank.finish_reason) == ("\n", "", 0, "stop")
+    before = g.stats.prefilled_tokens
+    (third,) = g.generate_steps_sync([StepRequest(p, (first, blank), 1, params, ("\n",))])[0]
+    assert third.tokens > 0 and g.stats.prefilled_tokens == before
 
 
 @pytest.mark.slow

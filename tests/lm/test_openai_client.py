@@ -622,3 +622,41 @@ def test_no_module_of_lm_or_rewards_reaches_into_another_objects_private_names()
                 found += [f"{path.relative_to(root)}:{node.lineno}: import {a.name}" for a in node.names
                           if a.name.startswith("_") and not a.name.startswith("__")]
     assert found == []
+
+
+def test_a_stop_inside_a_token_carries_the_rest_of_the_token_into_the_next_step(tokenizer):
+    """vLLM cuts the text right after a stop string even when the token that completed it decodes
+    to more ('.\\nA' with stop '\\n'); the reply's token strings show the rest, which becomes the
+    step's carry, is sent with the context of the next step and begins its text."""
+    def respond(req, body, attempt):
+        if attempt == 1:
+            choice = vllm_choice(0, "4*2=8.\n", stop_reason="\n", logprobs=[-0.1] * 6)
+            choice["logprobs"]["tokens"] = ["4", "*", "2", "=", "8", ".\nA"]
+            return vllm_reply([choice])
+        return vllm_reply([vllm_choice(0, "nswer: 11\n", stop_reason="\n")])
+
+    server = FakeServer(respond)
+    gen = generator(server, tokenizer)
+    (first,) = asyncio.run(gen.generate_steps([request()]))[0]
+    assert (first.text, first.carry, first.tokens, first.finish_reason) == ("4*2=8.\n", "A", 6, "stop")
+    req = StepRequest(P1, (first,), 1, request().params, ("\n",))
+    (second,) = asyncio.run(gen.generate_steps([req]))[0]
+    assert second.text == "Answer: 11\n" and second.carry == ""
+    assert server.seen[1][1]["prompt"].endswith("4*2=8.\nA")  # the server continues after the whole token
+
+
+def test_a_carry_holding_a_stop_string_is_the_next_step_without_a_request(tokenizer):
+    server = FakeServer(lambda req, body, attempt: pytest.fail("no request was needed"))
+    gen = generator(server, tokenizer)
+    req = StepRequest(P1, (Step("4*2=8.\n", carry="\nB"),), 2, request().params, ("\n",))
+    out = asyncio.run(gen.generate_steps([req]))[0]
+    assert [(s.text, s.carry, s.tokens) for s in out] == [("\n", "B", 0)] * 2
+
+
+def test_split_carry_cuts_at_the_earliest_stop_across_the_carry_and_the_new_text():
+    from itscale.lm.detok import split_carry
+
+    assert split_carry("", "a.\n", "a.\nxy", "stop", ("\n",)) == ("a.\n", "xy", "stop")
+    assert split_carry("  ", "b\n", "b\n", "stop", ("\n",)) == ("  b\n", "", "stop")
+    assert split_carry("x", "yz", "yz", "length", ("\n",)) == ("xyz", "", "length")
+    assert split_carry("\n", "\nq\n", "\nq\n", "stop", ("\n\n",)) == ("\n\n", "q\n", "stop")  # a stop across both

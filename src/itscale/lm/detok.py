@@ -101,3 +101,34 @@ def find_stop(text: str, stops: Sequence[str], start: int) -> int | None:
             if best is None or end < best:
                 best = end
     return best
+
+
+def generated_text(choice, text: str) -> str:
+    """What a server's completion generated, whole: the concatenated token strings when the
+    reply lists them and they extend ``text`` (a stop string that ended inside a token leaves
+    the rest of that token out of ``text``), else ``text``."""
+    tokens = getattr(choice, "tokens", None)
+    joined = "".join(tokens) if tokens else ""
+    return joined if len(joined) > len(text) and joined.startswith(text) else text
+
+
+def split_carry(head: str, text: str, generated: str, finish: str, stops: Sequence[str]) -> tuple[str, str, str]:
+    """A continuation's ``(text, carry, finish_reason)`` from what it began with (``head``, the
+    previous step's carry), its text as cut, and everything it generated: the step ends right
+    after the earliest stop string in ``head + generated`` and the rest is its carry (see
+    :class:`~itscale.types.Step`); with no stop string in it, the text is ``head + text``."""
+    whole = head + generated
+    end = find_stop(whole, stops, 0) if stops else None
+    if end is None:
+        return head + text, "", finish
+    return whole[:end], whole[end:], "stop"
+
+
+def carried_step(request):
+    """The next step when the request's carry already holds a stop string (no token generated),
+    else ``None``."""
+    from ..types import Step
+
+    head = request.carry
+    end = find_stop(head, request.stop, 0) if head and request.stop else None
+    return None if end is None else Step(head[:end], 0, carry=head[end:], finish_reason="stop")

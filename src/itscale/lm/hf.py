@@ -8,13 +8,16 @@ What the model reads
 --------------------
 For a request with problem ``x`` and steps ``s_1..s_t`` the context text is
 
-    c = chat_template([user: x], add_generation_prompt=True) + s_1 + … + s_t
+    c = chat_template([user: x], add_generation_prompt=True) + s_1 + … + s_t + carry(s_t)
 
 (the raw prompt when the tokenizer has no chat template), and each continuation is
 sampled after exactly ``c``. A continuation ends
 
-- right after the first stop string in its *generated* text (``finish_reason="stop"``;
-  the stop string stays in ``Step.text``, nothing after it),
+- right after the first stop string in its text (``finish_reason="stop"``; the stop string
+  stays in ``Step.text``, nothing after it; when the token that completed the stop string
+  decodes to more, e.g. ``"\n\n   "``, the rest is ``Step.carry``: the next step of the
+  particle starts with it and continues from the states after that whole token, so the
+  concatenated steps are exactly the text the model generated),
 - at an end-of-sequence token (``"eos"``; the token is counted in ``Step.tokens`` and its
   log-probability in ``Step.logprob``, but it is not in the text),
 - or after ``params.max_step_tokens`` tokens, or at the model's last position
@@ -41,9 +44,10 @@ generated step:
 2. *Store.* After a continuation stops, its last token is run through the model
    once more (it is needed anyway by whoever continues the particle) and the step's
    states and next-token logits are stored as a child node keyed by the step text.
-   Tokens after a stop string are never stored; if a stop string ends inside a
-   token (multi-character tokenizers), only the tokens that decode exactly to a
-   prefix of the step are kept and the rest is re-read as a suffix next time.
+   When a stop string ends inside a token, the whole token is stored (its text is
+   the step's plus its carry, which the next step reads first); only if the last
+   tokens do not decode whole (an incomplete UTF-8 character) are just the tokens that
+   decode exactly to a prefix of the step kept, and the rest re-read as a suffix.
 3. *Evict.* Least-recently-used leaves beyond ``cache_tokens`` stored tokens.
 
 A request with a ``cache_namespace`` is looked up in, and stored into, that namespace's
@@ -146,6 +150,8 @@ class _Row:
     fed: int = 0  # generated tokens already run through the model
     store_kept: int = 0  # generated tokens to store once fed (0: nothing to store)
     ids: list[int] = field(default_factory=list)  # generated ids (without an EOS)
+    head: str = ""  # the previous step's carry: the text this continuation begins with
+    carry: str = ""  # what the last token produced past the stop string
 
 
 class HFGenerator:
@@ -239,7 +245,7 @@ class HFGenerator:
     def _generate(self, requests: list[StepRequest]) -> list[list[Step]]:
         self.stats.calls += 1
         self.stats.requests += len(requests)
-        texts = [self.context_text(r.problem.prompt, r.prefix) for r in requests]
+        texts = [self.context_text(r.problem.prompt, r.prefix + r.carry) for r in requests]
         contexts = self._prepare(texts, [r.cache_namespace for r in requests])
         rows: list[_Row] = []
         for i, r in enumerate(requests):
@@ -248,9 +254,15 @@ class HFGenerator:
             limit = r.params.max_step_tokens
             if self.max_positions and contexts[i].node is not None:  # stop at the model's last position
                 limit = min(limit, self.max_positions - contexts[i].node.length)
-            rows.extend(_Row(i, contexts[i], r.params, tuple(r.stop), table[j], limit) for j in range(r.k))
+            rows.extend(_Row(i, contexts[i], r.params, tuple(r.stop), table[j], limit, head=r.carry)
+                        for j in range(r.k))
+        for row in rows:  # a carry that holds a stop string is a whole step already
+            end = find_stop(row.head, row.stops, 0) if row.head and row.stops else None
+            if end is not None:
+                row.text, row.carry, row.finish = row.head[:end], row.head[end:], "stop"
         # chunks of similar context lengths pad less (rows of one context stay together)
-        live = sorted((row for row in rows if row.ctx.error is None), key=lambda row: row.ctx.node.length)
+        live = sorted((row for row in rows if row.ctx.error is None and row.finish is None),
+                      key=lambda row: row.ctx.node.length)
         for start in range(0, len(live), self.max_batch):
             self._decode(live[start:start + self.max_batch])
         outputs: list[list[Step]] = [[] for _ in requests]
@@ -273,7 +285,8 @@ class HFGenerator:
         self.stats.generated_tokens += row.n_tokens
         self.stats.prompt_tokens += prompt
         self.stats.prefilled_tokens += prefilled
-        return Step(row.text or "", row.n_tokens, prompt, prefilled, row.logprob, row.finish or "length")
+        return Step(row.text or "", row.n_tokens, prompt, prefilled, row.logprob, row.finish or "length",
+                    carry=row.carry)
 
     # -- contexts: lookup and prefill ----------------------------------------------
     def _prepare(self, texts: Sequence[str], namespaces: Sequence[str | None]) -> list[_Context]:
@@ -414,23 +427,27 @@ class HFGenerator:
         row.n_tokens += 1
         row.logprob += logprob
         detok = row.detok
+        head = row.head
         if token in self.eos_ids:
             detok.flush()
-            row.text, row.finish = detok.text, "eos"
+            row.text, row.finish = head + detok.text, "eos"
             return True
         row.ids.append(token)
         start = len(detok.text)
         detok.push(token)
-        stop_end = find_stop(detok.text, row.stops, start) if row.stops and len(detok.text) > start else None
+        stop_end = (find_stop(head + detok.text, row.stops, len(head) + start)
+                    if row.stops and len(detok.text) > start else None)
         if stop_end is not None:
-            row.text, row.finish = detok.text[:stop_end], "stop"
+            row.text, row.finish = (head + detok.text)[:stop_end], "stop"
+            if detok.kept_tokens(len(detok.text)) == len(row.ids):  # every token decoded whole: carry the rest
+                row.carry = (head + detok.text)[stop_end:]
         elif row.n_tokens >= row.limit:
             detok.flush()
-            row.text, row.finish = detok.text, "length"
+            row.text, row.finish = head + detok.text, "length"
         else:
             return False
-        if self.reuse_cache:
-            row.store_kept = detok.kept_tokens(len(row.text))
+        if self.reuse_cache:  # with a carry, the whole last token (its text goes on in the next step)
+            row.store_kept = len(row.ids) if row.carry else detok.kept_tokens(len(row.text) - len(head))
         return True
 
     def _store(self, row: _Row, cache, b: int, P: int, logits: torch.Tensor | None) -> None:

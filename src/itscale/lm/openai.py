@@ -71,6 +71,7 @@ from typing import Any, Mapping, Sequence
 
 from ..types import Capabilities, Step, StepRequest
 from .completions import Choice, Completion, CompletionsClient, OnClient, Sampling, finish_of, split_evenly
+from .detok import carried_step, generated_text, split_carry
 from .http import BackendError, EndpointPool
 
 __all__ = ["BackendError", "OpenAIGenerator"]
@@ -149,6 +150,15 @@ class OpenAIGenerator(OnClient):
         requests = list(requests)
         if not requests:
             return []
+        done = {i: carried_step(r) for i, r in enumerate(requests)}
+        done = {i: step for i, step in done.items() if step is not None}
+        if done:  # a carry holding a stop string is the whole next step: nothing to ask the server
+            rest = [i for i in range(len(requests)) if i not in done]
+            served = await self.generate_steps([requests[i] for i in rest]) if rest else []
+            out = [[done[i]] * requests[i].k if i in done else [] for i in range(len(requests))]
+            for i, steps in zip(rest, served):
+                out[i] = steps
+            return out
         if self.api != "completions" or self.merge_prompts == 1 or sum(r.k for r in requests) <= 1:
             return list(await asyncio.gather(*(self._serve(r) for r in requests)))
         groups: dict[tuple, list[int]] = {}
@@ -212,11 +222,11 @@ class OpenAIGenerator(OnClient):
         sampling = Sampling(self._max_tokens(request), p.temperature, p.top_p, n, seed, tuple(request.stop),
                             cache_namespace=request.cache_namespace)
         if self.api == "completions":
-            return self.client.completions_body(self.context_text(request.problem.prompt, request.prefix), sampling)
-        return self.client.chat_body(request.problem.prompt, request.prefix, sampling)
+            return self.client.completions_body(self.context_text(request.problem.prompt, _context(request)), sampling)
+        return self.client.chat_body(request.problem.prompt, _context(request), sampling)
 
     def _max_tokens(self, request: StepRequest) -> int:
-        return self.client.fit_max_tokens(request.params.max_step_tokens, request.problem.prompt, request.prefix)
+        return self.client.fit_max_tokens(request.params.max_step_tokens, request.problem.prompt, _context(request))
 
     def _seed(self, request: StepRequest) -> int | None:
         """The seed sent: the request's own, unless merging is on (see "Merged requests")."""
@@ -258,7 +268,7 @@ class OpenAIGenerator(OnClient):
             steps = [self._step(r, c, fallback, completion.endpoint)
                      for c, fallback in zip(completion.choices[at:at + r.k], shares[at:at + r.k])]
             at += r.k
-            steps[0] = replace(steps[0], prompt_tokens=self.context_tokens(r.problem.prompt, r.prefix))
+            steps[0] = replace(steps[0], prompt_tokens=self.context_tokens(r.problem.prompt, _context(r)))
             out.append(steps)
         return out
 
@@ -270,7 +280,7 @@ class OpenAIGenerator(OnClient):
             p = first.params
             sampling = Sampling(self._max_tokens(first), p.temperature, p.top_p, 1, None, tuple(first.stop),
                                 cache_namespace=first.cache_namespace)
-            contexts = [self.context_text(r.problem.prompt, r.prefix) for r in requests for _ in range(r.k)]
+            contexts = [self.context_text(r.problem.prompt, _context(r)) for r in requests for _ in range(r.k)]
             return self.client.completions_body(contexts, sampling)
 
         return await self.client.post_learning("completions", body, resend_after_context_length=False)
@@ -307,4 +317,12 @@ class OpenAIGenerator(OnClient):
         tokens = len(lps) if lps is not None else fallback_tokens
         if error is not None:
             return Step("", tokens, finish_reason="error", error=f"{endpoint}: {error}")
-        return Step(text, tokens, logprob=float(sum(lps)) if lps is not None else None, finish_reason=finish)
+        generated = generated_text(choice, text) if finish == "stop" else text  # (an EOS token is not text)
+        text, carry, finish = split_carry(request.carry, text, generated, finish, request.stop)
+        return Step(text, tokens, logprob=float(sum(lps)) if lps is not None else None, finish_reason=finish,
+                    carry=carry)
+
+
+def _context(request: StepRequest) -> str:
+    """The solution text the server continues: the steps, then the last step's carry."""
+    return request.prefix + request.carry
