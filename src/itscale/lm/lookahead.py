@@ -41,7 +41,8 @@ generator's :class:`~itscale.lm.completions.CompletionsClient`. A step's
 ``prefilled_tokens`` unknown. The alignment counts the prompt's tokens with the local
 tokenizer: right for a server that tokenizes the text the same way; otherwise it only
 costs cache hits, never correctness. A BPE token that spans a stop string starts the
-next step with its remainder, where a fresh request would re-tokenize the text.
+next step with its remainder (kept in the look-ahead); a request whose last step has a
+``carry`` (made by a plain request) goes plain, so the generator reads the carry.
 """
 
 from __future__ import annotations
@@ -177,8 +178,8 @@ class Lookahead(OnClient):
         usable: dict[tuple[str, ...], int] = {}  # look-aheads this call can use, by problem
         for r in stepwise:
             usable[_owner(r)] = usable.get(_owner(r), 0) + min(r.k, len(self._lanes.get(self._key(r, r.prefix), ())))
-        ahead = [i for i, r in enumerate(requests)
-                 if r.k > 0 and r.stop and self._pays(_owner(r), usable[_owner(r)])]
+        ahead = [i for i, r in enumerate(requests)  # (a step that carries text goes plain: the generator reads it)
+                 if r.k > 0 and r.stop and not r.carry and self._pays(_owner(r), usable[_owner(r)])]
         chosen = set(ahead)
         plain = [i for i in range(len(requests)) if i not in chosen]
         out: list[list[Step]] = [[] for _ in requests]
