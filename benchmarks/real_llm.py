@@ -147,7 +147,7 @@ def main(argv=None) -> int:
         table.add_row(backend, reward, r.method, str(r.budget),
                       f"{100 * r.accuracy:.0f}% [{100 * r.ci_low:.0f}, {100 * r.ci_high:.0f}]",
                       f"{r.generated_tokens:.0f}", f"{r.prm_tokens:.0f}", f"{r.wall_time:.2f}", str(r.errors))
-    Console().print(table)
+    Console(width=max(Console().width, 132)).print(table)
     return 0
 
 
