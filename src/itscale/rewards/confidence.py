@@ -125,11 +125,13 @@ class HFConfidencePRM(HFScorer):
         return out, len(ids), ends
 
     def _score(self, requests: list[ScoreRequest]) -> list[StepScores]:
-        hits, todo = self._scores.lookup(requests)
-        out: list[StepScores | None] = [None if hit is None else StepScores(tuple(map(clip_probability, hit)), 0)
-                                        for hit in hits]
-        self.stats.cached_steps += sum(len(hit) for hit in hits if hit is not None)
-        encoded = {key: self.input_ids(requests[rows[0]]) for key, rows in todo.items()}
+        out, cached = self._scores.score_whole(requests, self._read)
+        self.stats.cached_steps += cached
+        return out
+
+    def _read(self, todo: dict) -> dict:
+        """Scores and tokens read for each uncached request (``PrefixScores.score_whole``)."""
+        encoded = {key: self.input_ids(request) for key, request in todo.items()}
         keys = sorted(todo, key=lambda k: len(encoded[k][0]))  # similar lengths share a batch
         results: dict = {}
         for key in keys:
@@ -145,16 +147,8 @@ class HFConfidencePRM(HFScorer):
                 chunk = chunk[: len(chunk) // 2]
             start += len(chunk)
             results.update(zip(chunk, self._forward([encoded[k] for k in chunk])))
-        for key, (scores, n_tokens) in results.items():
-            known = self._scores.leading(key[0], key[1], key[2])  # a scored prefix keeps its scores
-            scores = list(known) + scores[len(known):]
-            self._scores.put(key[0], key[1], scores, namespace=key[2])
-            first, *rest = todo[key]
-            clipped = tuple(s if math.isnan(s) else clip_probability(s) for s in scores)
-            out[first] = StepScores(clipped, n_tokens)
-            for i in rest:
-                out[i] = StepScores(clipped, 0)
-        return out  # type: ignore[return-value]
+        return {key: ([s if math.isnan(s) else clip_probability(s) for s in scores], tokens)
+                for key, (scores, tokens) in results.items()}
 
     def _forward(self, rows: list[tuple[list[int], int, list[int]]]) -> list[tuple[list[float], int]]:
         """One left-padded pass; per row the step scores and the tokens read."""

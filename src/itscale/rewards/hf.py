@@ -345,21 +345,20 @@ class HFClassifierPRM(HFScorer):
         return encoded.ids, encoded.marks
 
     def _score(self, requests: list[ScoreRequest]) -> list[StepScores]:
-        hits, todo = self._scores.lookup(requests)
-        out: list[StepScores | None] = [None if hit is None else StepScores(tuple(clip_probability(s) for s in hit), 0)
-                                        for hit in hits]
-        self.stats.cached_steps += sum(len(hit) for hit in hits if hit is not None)
+        out, cached = self._scores.score_whole(requests, self._read)
+        self.stats.cached_steps += cached
+        return out
+
+    def _read(self, todo: dict) -> dict:
+        """Scores and tokens read for each uncached request (``PrefixScores.score_whole``)."""
         keys = sorted(todo, key=lambda k: len(k[0]) + sum(map(len, k[1])))  # similar lengths share a batch
+        out = {}
         for start in range(0, len(keys), self.max_batch):
             chunk = keys[start:start + self.max_batch]
-            results = self._forward([ScoreRequest(requests[todo[k][0]].problem, k[1]) for k in chunk])
-            for key, (scores, n_tokens) in zip(chunk, results):
-                self._scores.put(key[0], key[1], scores, namespace=key[2])
-                first, *rest = todo[key]
-                out[first] = StepScores(tuple(clip_probability(s) for s in scores), n_tokens)
-                for i in rest:
-                    out[i] = StepScores(tuple(clip_probability(s) for s in scores), 0)
-        return out  # type: ignore[return-value]
+            results = self._forward([ScoreRequest(todo[k].problem, k[1]) for k in chunk])
+            out.update((key, ([clip_probability(s) for s in scores], n_tokens))
+                       for key, (scores, n_tokens) in zip(chunk, results))
+        return out
 
     def _forward(self, requests: list[ScoreRequest]) -> list[tuple[list[float], int]]:
         """One right-padded batch; the positive-label probability at every separator."""

@@ -70,6 +70,27 @@ class PrefixScores:
     def clear(self) -> None:
         self._scores.clear()
 
+    def score_whole(self, requests, run) -> tuple[list, int]:
+        """For a scorer that reads a request's whole sequence at once: ``(StepScores per request,
+        steps served from the cache)``. A request whose every prefix is cached costs nothing;
+        the others, identical ones grouped, go to ``run({key: a request}) -> {key: (scores,
+        tokens)}`` (``key`` is ``(prompt, steps, namespace)``; scores clipped, NaN for a failure);
+        a prefix already cached keeps its score, so a prefix's score never changes, and the
+        copies of a request report 0 tokens."""
+        from ..types import StepScores
+
+        hits, todo = self.lookup(requests)
+        out = [None if hit is None else StepScores(hit, 0) for hit in hits]
+        for key, (scores, tokens) in run({key: requests[rows[0]] for key, rows in todo.items()}).items():
+            known = self.leading(*key)
+            scores = tuple(known) + tuple(scores[len(known):])
+            self.put(key[0], key[1], scores, namespace=key[2])
+            first, *rest = todo[key]
+            out[first] = StepScores(scores, tokens)
+            for i in rest:
+                out[i] = StepScores(scores, 0)
+        return out, sum(len(hit) for hit in hits if hit is not None)
+
 
 Prefix = tuple[str | None, str, tuple[str, ...]]  # (namespace, prompt, steps[:t])
 

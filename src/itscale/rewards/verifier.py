@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
 from ..types import Capabilities, ScoreRequest, StepScores
-from .prefix_cache import PrefixScores
+from .prefix_cache import PrefixScores, StepUnits
 
 __all__ = ["CallablePRM", "VerifierStats", "is_callable_reference", "load_callable"]
 
@@ -94,22 +94,14 @@ class CallablePRM:
         return cls(load_callable(reference), name=reference, **kwargs)
 
     async def score_steps(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
+        """Each uncached step prefix of the call once (copies share it); the function reads no tokens."""
         self.stats.calls += 1
-        return [self._score(r) for r in requests]
+        plan = StepUnits(self._scores, requests, lambda r, t: (r.problem.prompt, list(r.steps[: t + 1])))
+        self.stats.cached += plan.cached_steps
+        return plan.finish({key: self._call(*unit) for key, unit in plan.units.items()}, lambda unit: 0)
 
     def clear_cache(self) -> None:
         self._scores.clear()
-
-    def _score(self, request: ScoreRequest) -> StepScores:
-        steps = tuple(request.steps)
-        ns = request.cache_namespace
-        known = self._scores.leading(request.problem.prompt, steps, ns)
-        self.stats.cached += len(known)
-        scores = list(known)
-        for t in range(len(known) + 1, len(steps) + 1):
-            scores.append(self._call(request.problem.prompt, list(steps[:t])))
-        self._scores.put(request.problem.prompt, steps, scores, ns)
-        return StepScores(tuple(scores), 0)
 
     def _call(self, problem: str, steps: list[str]) -> float:
         self.stats.evaluated += 1
