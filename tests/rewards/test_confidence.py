@@ -20,6 +20,8 @@ from itscale.rewards.confidence import prefix_means, token_confidence  # noqa: E
 from itscale.testing.contracts import PRMContract  # noqa: E402
 from itscale.types import Problem, SamplingParams, ScoreRequest, StepRequest  # noqa: E402
 
+from .bench_cli import bench_metrics  # noqa: E402
+
 P1 = Problem("p1", "3+4*2=")
 STEPS = ("4*2=8\n", "3+8=11\n", "Answer: 11")
 
@@ -124,19 +126,9 @@ def test_a_spec_of_kind_confidence_loads_the_policy_and_refuses_what_it_cannot_d
 def test_the_bench_runs_particle_filtering_on_the_policys_confidence_alone(tmp_path):
     """The embedded policy and no trained PRM: particle filtering and best-of-N weighted by the
     policy's own self-certainty, through itscale bench."""
-    import csv
-    import subprocess
-    import sys
-
-    config = tmp_path / "bench.yaml"
-    config.write_text("problems: {source: 'arithmetic:medium', limit: 12}\nprm: {kind: confidence}\n"
-                      "methods: [{name: greedy}, {name: best_of_n}, {name: particle_filtering}]\nbudgets: [4]\n"
-                      f"output: {tmp_path / 'out'}\n")
-    done = subprocess.run([sys.executable, "-m", "itscale", "bench", str(config)], capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    with open(tmp_path / "out" / "metrics.csv") as f:
-        rows = {r["method"]: r for r in csv.DictReader(f)}
+    rows = bench_metrics(tmp_path, "problems: {source: 'arithmetic:medium', limit: 12}\nprm: {kind: confidence}\n"
+                                   "methods: [{name: greedy}, {name: best_of_n}, {name: particle_filtering}]\n"
+                                   "budgets: [4]\n")
     assert set(rows) == {"greedy", "best_of_n", "particle_filtering"}
     assert all(r["errors"] == "0" and r["n"] == "12" for r in rows.values()), rows
     assert float(rows["greedy"]["prm_tokens"]) == 0  # greedy reads no scores; the others read the policy's

@@ -13,6 +13,8 @@ from itscale.rewards import CallablePRM
 from itscale.tasks import arithmetic
 from itscale.types import Problem, ScoreRequest
 
+from .bench_cli import bench_metrics
+
 CHECK = "itscale.tasks.arithmetic:calculator_check"
 PROBLEM = arithmetic.make_problem(7, [("+", 5), ("*", 3)], "v")
 
@@ -66,18 +68,9 @@ def test_a_verifier_is_named_like_any_model_and_errors_name_the_field(tmp_path):
 def test_particle_filtering_with_a_calculator_verifier_in_the_bench(tmp_path):
     """The embedded policy guided by the task's calculator check, through itscale bench."""
     pytest.importorskip("torch")
-    import csv
-    import subprocess
-    import sys
-
-    config = tmp_path / "bench.yaml"
-    config.write_text(f"problems: {{source: 'arithmetic:hard', limit: 30}}\nprm: {{kind: verifier, model: '{CHECK}'}}\n"
-                      "methods: [{name: greedy}, {name: particle_filtering}]\nbudgets: [8]\n"
-                      f"output: {tmp_path / 'out'}\n")
-    done = subprocess.run([sys.executable, "-m", "itscale", "bench", str(config)], capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    with open(tmp_path / "out" / "metrics.csv") as f:
-        accuracy = {r["method"]: float(r["accuracy"]) for r in csv.DictReader(f)}
+    rows = bench_metrics(tmp_path, f"problems: {{source: 'arithmetic:hard', limit: 30}}\n"
+                                   f"prm: {{kind: verifier, model: '{CHECK}'}}\n"
+                                   "methods: [{name: greedy}, {name: particle_filtering}]\nbudgets: [8]\n")
+    accuracy = {method: float(r["accuracy"]) for method, r in rows.items()}
     # measured on these 30 hard problems: greedy 11/30, particle filtering at budget 8 with the check 20/30
     assert accuracy["particle_filtering"] >= accuracy["greedy"] + 0.2, accuracy

@@ -78,6 +78,16 @@ class ServeProcess:
         atexit.register(self.stop)
         return self
 
+    @contextlib.contextmanager
+    def running(self):
+        """Started and ready for the block (for a fixture: ``with ServeProcess(...).running() as s: yield s``);
+        stopped after it."""
+        self.start()
+        try:
+            yield self.wait_ready()
+        finally:
+            self.stop()
+
     def wait_ready(self, timeout: float = 180.0) -> "ServeProcess":
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -12,12 +12,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("serve")]
 
 @pytest.fixture(scope="module")
 def confidence_server():
-    proc = ServeProcess("confidence", ["--prm-kind", "confidence", "--prm-measure", "mean-logprob",
-                                       "--request-timeout", "120"]).start()
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    with ServeProcess("confidence", ["--prm-kind", "confidence", "--prm-measure", "mean-logprob",
+                                      "--request-timeout", "120"]).running() as server:
+        yield server
 
 
 def test_particle_filtering_runs_on_the_policys_own_confidence(confidence_server):

@@ -44,12 +44,9 @@ def per_key_server(tmp_path_factory):
     keys = tmp_path_factory.mktemp("isolation") / "keys.txt"
     keys.write_text(f"{KEY_A} name=tenant-a\n{KEY_B} name=tenant-b\n")
     keys.chmod(0o600)
-    proc = ServeProcess("per-key", ["--cache-isolation", "per-key", "--api-key-file", str(keys),
-                                    "--request-timeout", "120"]).start()
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    with ServeProcess("per-key", ["--cache-isolation", "per-key", "--api-key-file", str(keys),
+                                   "--request-timeout", "120"]).running() as server:
+        yield server
 
 
 def test_usage_on_a_shared_cache_does_not_depend_on_another_keys_earlier_request(server):

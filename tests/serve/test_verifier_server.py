@@ -12,12 +12,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("serve")]
 
 @pytest.fixture(scope="module")
 def verifier_server():
-    proc = ServeProcess("verifier", ["--prm", "itscale.tasks.arithmetic:calculator_check", "--prm-kind", "verifier",
-                                     "--request-timeout", "120"]).start()
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    with ServeProcess("verifier", ["--prm", "itscale.tasks.arithmetic:calculator_check", "--prm-kind", "verifier",
+                                    "--request-timeout", "120"]).running() as server:
+        yield server
 
 
 def test_particle_filtering_is_guided_by_the_calculator_check(verifier_server):
