@@ -99,8 +99,6 @@ class HFConfidencePRM(HFScorer):
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self._load(path_or_model, tokenizer, device, dtype)
         self.measure, self.max_batch, self.run_in_thread = measure, int(max_batch), run_in_thread
-        self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
-        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
         self._chat = ChatPrompts(self.tokenizer, system_prompt)
         self._prompt_ids: dict[str, list[int]] = {}
         self._scores = PrefixScores(cache_size)

@@ -89,7 +89,8 @@ def clip_probability(p: float) -> float:
 
 
 class HFScorer:
-    """Loading, threading and the input encoder (``self.encoder``, set by each PRM) shared by the PRMs."""
+    """Loading (with the pad id and the model's positions), threading and the input encoder
+    (``self.encoder``, set by each PRM) shared by the PRMs."""
 
     kind = "causal_lm"
     encoder: PRMEncoder
@@ -99,6 +100,8 @@ class HFScorer:
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.device, self.dtype = loaded.device, loaded.dtype
         self.capabilities = Capabilities(n_parameters=count_parameters(self.model))
+        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+        self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
         self.stats = PRMStats()
         self._lock = threading.Lock()
 
@@ -171,7 +174,6 @@ class HFTagPRM(HFScorer):
         self.good_id = single_token_id(self.tokenizer, format.good, "the PRM good token")
         self.bad_id = single_token_id(self.tokenizer, format.bad, "the PRM bad token")
         self.store = KVStore(cache_tokens if cache_tokens is not None else tokens_for_bytes(self.model, 1 << 30))
-        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
         self._cache_kw = cache_kwarg(self.model)
         self._logits_to_keep = accepts(self.model, "logits_to_keep")
 
@@ -333,7 +335,6 @@ class HFClassifierPRM(HFScorer):
         self.positive_label, self.delimiter = int(positive_label), delimiter
         self.max_batch, self.cache_size = int(max_batch), int(cache_size)
         self.system_prompt, self.run_in_thread = system_prompt, run_in_thread
-        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
         self._scores = PrefixScores(self.cache_size)
 
     def clear_cache(self) -> None:
@@ -403,8 +404,6 @@ class HFJudgePRM(HFScorer):
         self.prompt = JudgePrompt(self.tokenizer, template, delimiter=delimiter, system_prompt=system_prompt)
         self.yes_ids, self.no_ids = answer_ids(self.tokenizer, yes, no)
         self.max_batch, self.run_in_thread = int(max_batch), run_in_thread
-        self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
-        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
         self._scores = PrefixScores(cache_size)
 
     def clear_cache(self) -> None:
