@@ -193,8 +193,10 @@ All settings (defaults in brackets):
                bfloat16 | float16), temperature [0.8], top_p [1.0], max_step_tokens [48], threads,
                max_batch [256], tokenizer, served_model; for URLs: api_key_env, timeout [60],
                retries [4], max_concurrency [64], merge_prompts [256], kv_block
-    prm:       model [embedded] (the same, or none), kind [tag] (tag | classifier), device, dtype,
-               max_batch [128], step_tag, good_token [+], bad_token [-], positive_label [1],
+    prm:       model [embedded] (the same, none, or module:function for a verifier), kind [tag]
+               (tag | classifier | verifier | judge | confidence), device, dtype, max_batch [128],
+               step_tag, good_token [+; judge: Yes], bad_token [-; judge: No], positive_label [1],
+               template (judge), measure [self-certainty] (confidence: self-certainty | mean-logprob),
                tokenizer, served_model and the URL settings
     format:    arithmetic | math | {delimiter, answer_markers, max_steps}   [arithmetic]
     methods:   a list of {name, label, params, budgets}; `itscale bench --methods` lists them
@@ -321,7 +323,11 @@ def add_model_options(g: argparse._ActionsContainer) -> None:
                                                          "http(s):// OpenAI-compatible URL(s), comma-separated "
                                                          "[embedded]")
     g.add_argument("--prm", default="embedded", help="'embedded', a folder, a URL, or 'none' [embedded]")
-    g.add_argument("--prm-kind", default="tag", choices=["tag", "classifier", "verifier", "judge", "confidence"],
+    from typing import get_args
+
+    from .backends.spec import Measure, PRMKind
+
+    g.add_argument("--prm-kind", default="tag", choices=list(get_args(PRMKind)),
                    help="how the PRM scores steps: tag, classifier, verifier (--prm is a Python function "
                         "module.path:function scoring the latest step), judge (--prm is any chat model asked "
                         "whether each step is correct) or confidence (--prm is the policy's model: its own "
@@ -330,7 +336,7 @@ def add_model_options(g: argparse._ActionsContainer) -> None:
                                           "{previous_steps} and {step}")
     g.add_argument("--prm-good-token", help="tag PRM: the token meaning 'right' [+]; judge: the yes word [Yes]")
     g.add_argument("--prm-bad-token", help="tag PRM: the token meaning 'wrong' [-]; judge: the no word [No]")
-    g.add_argument("--prm-measure", choices=["self-certainty", "mean-logprob"],
+    g.add_argument("--prm-measure", choices=list(get_args(Measure)),
                    help="confidence: self-certainty or mean token log-probability [self-certainty]")
     g.add_argument("--policy-served-model", help="model name on the policy URL (default: the only one)")
     g.add_argument("--prm-served-model", help="model name on the PRM URL (default: the only one)")

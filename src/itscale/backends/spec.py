@@ -38,9 +38,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..rewards.verifier import is_callable_reference
 
-__all__ = ["DEVICES", "DTYPES", "ModelSpec", "PRMSpec", "PolicySpec", "is_url"]
+__all__ = ["DEVICES", "DTYPES", "Measure", "ModelSpec", "PRMKind", "PRMSpec", "PolicySpec", "is_url"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PRMKind = Literal["tag", "classifier", "verifier", "judge", "confidence"]  # how a reward model scores steps
+Measure = Literal["self-certainty", "mean-logprob"]  # a confidence PRM's measure
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
@@ -143,7 +145,7 @@ class PRMSpec(ModelSpec):
 
     model: str | list[str] = Field("embedded", description="'embedded', a Hugging Face folder, a .gguf file, one or "
                                                            "more http(s):// URLs, or 'none'")
-    kind: Literal["tag", "classifier", "verifier", "judge", "confidence"] = Field(
+    kind: PRMKind = Field(
         "tag", description="how the model scores steps: 'tag' (a causal LM read after a tag token), 'classifier' "
                            "(token classification at a separator), 'verifier' (model is a Python function "
                            "module.path:function scoring the latest step, see itscale.rewards.verifier), 'judge' "
@@ -162,7 +164,7 @@ class PRMSpec(ModelSpec):
     template: str | None = Field(None, description="judge: the question about a step, a str.format template with "
                                                    "{question}, {previous_steps} and {step}, or a file holding it "
                                                    "(default: itscale.rewards.judge.DEFAULT_TEMPLATE)")
-    measure: Literal["self-certainty", "mean-logprob"] = Field(
+    measure: Measure = Field(
         "self-certainty", description="confidence: self-certainty (mean KL from uniform of the next-token "
                                       "distributions; Kang et al. 2025) or mean-logprob (mean token log-probability)")
 

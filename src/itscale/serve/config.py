@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..backends.spec import PolicySpec, PRMSpec, is_url
+from ..backends.spec import Measure, PolicySpec, PRMKind, PRMSpec, is_url
 
 from ..strategies import STRATEGIES
 
@@ -50,11 +50,11 @@ class ServeConfig(BaseModel):
     policy: str = Field("embedded", description="'embedded', a Hugging Face folder, a .gguf file, or http(s):// "
                                                  "URL(s), comma-separated")
     prm: str = Field("embedded", description="'embedded', a folder, an http(s):// URL, or 'none'")
-    prm_kind: Literal["tag", "classifier", "verifier", "judge", "confidence"] = "tag"
+    prm_kind: PRMKind = "tag"
     prm_template: str | None = Field(None, description="judge: the question about a step (a template or a file)")
     prm_good_token: str | None = Field(None, description="tag PRM: the good token; judge: the yes word")
     prm_bad_token: str | None = Field(None, description="tag PRM: the bad token; judge: the no word")
-    prm_measure: Literal["self-certainty", "mean-logprob"] | None = Field(None, description="confidence: the measure")
+    prm_measure: Measure | None = Field(None, description="confidence: the measure")
     policy_served_model: str | None = None
     prm_served_model: str | None = None
     policy_tokenizer: str | None = None
