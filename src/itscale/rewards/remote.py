@@ -281,8 +281,7 @@ class RemoteTagPRM(_RemoteScorer):
     async def score_steps(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
         self.stats.calls += 1
         self.stats.requests += len(requests)
-        units = functools.cache(self.step_units)
-        plan = StepUnits(self._scores, requests, lambda request, t: units(request)[t])
+        plan = StepUnits(self._scores, requests, self._unit_reader())
         self.stats.cached_steps += plan.cached_steps
         # one namespace (one cache salt) per HTTP request
         chunks = [(namespace, keys[j:j + self.merge_prompts]) for namespace, keys in plan.by_namespace().items()
@@ -293,10 +292,11 @@ class RemoteTagPRM(_RemoteScorer):
             scored.update(zip(chunk, scores))
         return plan.finish(scored, lambda text: len(encode(self.tokenizer, text, add_special_tokens=self._special)))
 
-    def step_units(self, request: ScoreRequest) -> list[str]:
-        """What is sent to score each step: the text up to the end of its tag."""
-        text, ends = self.text(request)
-        return [text[:end] for end in ends]
+    def _unit_reader(self):
+        """``unit(request, t)``: what is sent to score step t, the text up to the end of its tag
+        (each request's text built once per call)."""
+        texts = functools.cache(self.text)
+        return lambda request, t: texts(request)[0][: texts(request)[1][t]]
 
     async def _score_prompts(self, prompts: list[str], namespace: str | None = None) -> list[float]:
         """One merged request: the tag score after each prompt; NaN for all (never raises) on failure."""
@@ -425,6 +425,6 @@ class RemoteJudgePRM(RemoteTagPRM):
         """Each answer token's keys in a top-logprobs entry: its text and ``token_id:N``."""
         return tuple((self.tokenizer.decode([i]), f"token_id:{i}") for i in ids)
 
-    def step_units(self, request: ScoreRequest) -> list[str]:
-        """The judge's whole input about each step."""
-        return [self.prompt.text(request, t)[0] for t in range(len(request.steps))]
+    def _unit_reader(self):
+        """``unit(request, t)``: the judge's whole input about step t (only uncached steps are asked)."""
+        return lambda request, t: self.prompt.text(request, t)[0]
