@@ -22,7 +22,7 @@ from itscale.core import (
     run_smc,
     run_sync,
 )
-from itscale.core import smc as smc_module
+from itscale.core import kernel as smc_module  # where the step calls conditional_ancestors
 from itscale.core.resampling import multinomial, systematic
 from itscale.testing import EnumerableModel, path_index
 

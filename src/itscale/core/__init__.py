@@ -14,14 +14,17 @@ from .resampling import (
     offspring_counts,
 )
 from .schedules import Always, ESSBelow, EveryK, Never, Schedule, get_schedule
-from .smc import STATUS_ALL_DEAD, STATUS_OK, AncestorSampling, Proposed, SMCResult, StepTrace, run_smc
+from .kernel import SMC, Retired, SMCState, best_first
+from .records import STATUS_ALL_DEAD, STATUS_OK, AncestorSampling, Proposed, SMCResult, StepTrace
+from .smc import drive, run_smc
 from .sync import resolve, run_sync
 from .weights import NEG_INF, ess, ess_fraction, log_normalize, logsumexp, normalize
 
 __all__ = [
     "Always", "AncestorSampling", "ESSBelow", "EveryK", "EveryStep", "Genealogy", "NEG_INF", "Never",
-    "ObservationModel", "Outcome", "Proposed", "RESAMPLERS", "Resampler", "SELECTORS", "SMCResult",
+    "ObservationModel", "Outcome", "Proposed", "RESAMPLERS", "Resampler", "Retired", "SELECTORS", "SMC",
+    "SMCResult", "SMCState",
     "STATUS_ALL_DEAD", "STATUS_OK", "Schedule", "StepTrace", "Trajectory", "Twisted",
-    "conditional_ancestors", "ess", "ess_fraction", "get_resampler", "get_schedule", "log_normalize",
+    "best_first", "conditional_ancestors", "drive", "ess", "ess_fraction", "get_resampler", "get_schedule", "log_normalize",
     "logsumexp", "normalize", "offspring_counts", "resolve", "run_smc", "run_sync",
 ]

@@ -25,19 +25,29 @@ class Trajectory:
 
     ``finished[t]`` says whether the path had finished by step t, and
     ``log_correction[t]`` is the proposal's log p/q for the move into step t (0 when
-    the proposal is the model itself). A trajectory is what conditional SMC takes as
-    its reference.
+    the proposal is the model itself), and ``increments[t]`` the observation model's
+    Δℓ_t for that move (0 where the path did not move; default all 0). A trajectory is
+    what conditional SMC takes as its reference; Σ_t increments[t] is its log-potential
+    (parallel tempering reads it instead of scoring the path again).
     """
 
     states: tuple
     finished: tuple
     log_correction: np.ndarray = field(repr=False)
+    increments: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if len(self.states) != len(self.finished) or len(self.states) != len(self.log_correction):
-            raise ValueError("Trajectory: states, finished and log_correction must have the same length")
+        if self.increments is None:
+            object.__setattr__(self, "increments", np.zeros(len(self.states)))
+        if not len(self.states) == len(self.finished) == len(self.log_correction) == len(self.increments):
+            raise ValueError("Trajectory: states, finished, log_correction and increments must have the same length")
         if len(self.states) == 0:
             raise ValueError("Trajectory: needs at least the initial state")
+
+    @property
+    def log_potential(self) -> float:
+        """Σ_t Δℓ_t: the path's total observation log-weight (its log G, up to corrections)."""
+        return float(np.sum(self.increments))
 
     @property
     def final(self) -> Any:
@@ -57,9 +67,11 @@ class Genealogy:
         self.ancestors: list[np.ndarray] = [np.full(n, -1, dtype=np.int64)]
         self.finished: list[np.ndarray] = [np.zeros(n, dtype=bool)]
         self.log_correction: list[np.ndarray] = [np.zeros(n)]
+        self.increments: list[np.ndarray] = [np.zeros(n)]
 
-    def record(self, states: Sequence[Any], ancestors, finished, log_correction) -> None:
-        """Append step t = len(self) with parent indices into step t−1."""
+    def record(self, states: Sequence[Any], ancestors, finished, log_correction, increments=None) -> None:
+        """Append step t = len(self) with parent indices into step t−1 and each particle's
+        increment Δℓ_t (0 for particles that did not move; default all 0)."""
         ancestors = np.asarray(ancestors, dtype=np.int64)
         n_prev = len(self.states[-1])
         if len(states) != len(ancestors) or np.any(ancestors < 0) or np.any(ancestors >= n_prev):
@@ -68,6 +80,8 @@ class Genealogy:
         self.ancestors.append(ancestors)
         self.finished.append(np.asarray(finished, dtype=bool).copy())
         self.log_correction.append(np.asarray(log_correction, dtype=np.float64).copy())
+        self.increments.append(np.zeros(len(states)) if increments is None
+                               else np.asarray(increments, dtype=np.float64).copy())
 
     def __len__(self) -> int:
         """Number of recorded steps, including step 0."""
@@ -93,6 +107,7 @@ class Genealogy:
             states=tuple(self.states[s][i] for s, i in enumerate(path)),
             finished=tuple(bool(self.finished[s][i]) for s, i in enumerate(path)),
             log_correction=np.array([self.log_correction[s][i] for s, i in enumerate(path)]),
+            increments=np.array([self.increments[s][i] for s, i in enumerate(path)]),
         )
 
     def n_unique_ancestors(self, step: int = 0) -> int:
