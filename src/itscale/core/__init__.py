@@ -4,7 +4,7 @@ numpy only; every random choice takes an explicit ``numpy.random.Generator``.
 """
 
 from .genealogy import Genealogy, Trajectory
-from .observation import EveryStep, ObservationModel, Outcome, Twisted
+from .observation import EveryStep, ObservationModel, Outcome, Twisted, Unweighted
 from .resampling import (
     RESAMPLERS,
     SELECTORS,
@@ -18,13 +18,14 @@ from .kernel import SMC, Retired, SMCState, best_first
 from .records import STATUS_ALL_DEAD, STATUS_OK, AncestorSampling, Proposed, SMCResult, StepTrace
 from .smc import drive, run_smc
 from .sync import resolve, run_sync
+from .tempering import EntropicAnnealing
 from .weights import NEG_INF, ess, ess_fraction, log_normalize, logsumexp, normalize
 
 __all__ = [
-    "Always", "AncestorSampling", "ESSBelow", "EveryK", "EveryStep", "Genealogy", "NEG_INF", "Never",
+    "Always", "AncestorSampling", "ESSBelow", "EntropicAnnealing", "EveryK", "EveryStep", "Genealogy", "NEG_INF", "Never",
     "ObservationModel", "Outcome", "Proposed", "RESAMPLERS", "Resampler", "Retired", "SELECTORS", "SMC",
     "SMCResult", "SMCState",
-    "STATUS_ALL_DEAD", "STATUS_OK", "Schedule", "StepTrace", "Trajectory", "Twisted",
+    "STATUS_ALL_DEAD", "STATUS_OK", "Schedule", "StepTrace", "Trajectory", "Twisted", "Unweighted",
     "best_first", "conditional_ancestors", "drive", "ess", "ess_fraction", "get_resampler", "get_schedule", "log_normalize",
     "logsumexp", "normalize", "offspring_counts", "resolve", "run_smc", "run_sync",
 ]

@@ -16,7 +16,9 @@ One step t:
 3. propose one step for every mover (one batched call); ``log_correction`` =
    log p(x_t | x_{<t}) − log q(x_t | x_{<t}) when the proposal q is not the model p;
 4. ℓ += log_correction + Δℓ, the increment of the observation model; the genealogy
-   records Δℓ per particle;
+   records Δℓ per particle. With ``accumulate=False`` ℓ = log_correction + Δℓ instead:
+   the observation's value *is* the mover's log-priority (search methods rank partial
+   solutions by their latest score, e.g. ``EveryStep(prm, link="log")`` gives ℓ = log s_t);
 5. select, per group (``groups`` contiguous blocks that never mix: DVTS subtrees, or
    independent SMC runs), when the schedule says so (always with k > 1):
 
@@ -26,8 +28,8 @@ One step t:
      or 0 (uncorrected: its_hub's entropic annealing);
    - a biased selector (top-k, argmax, tempered) keeps n_g and ``keep_weights`` says
      whether ℓ is kept (search methods whose ℓ is a priority) or reset to 0;
-   - ``frontier=True`` keeps at most n_g of the live particles without copies (a
-     bounded frontier), so the population can be smaller than n;
+   - ``frontier=F`` keeps at most F of the live particles, best ℓ first, without
+     copies (a bounded frontier: it starts from one root and grows as nodes expand);
 
 6. with ``retire_finished`` the selected particles that are finished leave the
    population for ``state.retired`` (beam search's completed list), so it shrinks.
@@ -138,8 +140,9 @@ class SMC:
     groups: int = 1
     movers: Movers | None = None
     retire_finished: bool = False
+    accumulate: bool = True
     keep_weights: bool = False
-    frontier: bool = False
+    frontier: int = 0
     tempering: Tempering | None = None
     correct_tempering: bool = True
     reference: Trajectory | None = None
@@ -156,8 +159,12 @@ class SMC:
         if not isinstance(self.groups, int) or self.groups < 1:
             raise ValueError(f"groups must be a positive integer, got {self.groups!r}")
         unbiased = self.resampler.unbiased
+        if not self.accumulate and unbiased:
+            raise ValueError("accumulate=False makes ℓ a priority, not an importance weight: use a biased selector")
         if self.keep_weights and unbiased:
             raise ValueError("keep_weights is for biased selectors: an unbiased resampler must reset ℓ to 0")
+        if not isinstance(self.frontier, int) or self.frontier < 0:
+            raise ValueError(f"frontier must be a non-negative integer (0: off), got {self.frontier!r}")
         if self.frontier and unbiased:
             raise ValueError("frontier selection keeps no copies, so it needs a biased selector such as 'top_k'")
         if self.tempering is not None and not unbiased:
@@ -268,7 +275,8 @@ class SMC:
             incr = np.asarray(incr, dtype=np.float64)
             if incr.shape != (stepping.size,):
                 raise ValueError(f"observation model returned {incr.shape} increments for {stepping.size} particles")
-            lw[stepping] = as_log_weights(lw[stepping] + step_corr[stepping] + incr)
+            base = lw[stepping] if self.accumulate else 0.0
+            lw[stepping] = as_log_weights(base + step_corr[stepping] + incr)
             increments[stepping] = np.where(np.isnan(incr), NEG_INF, incr)
             c_carry[stepping] = new_carry
             correction[stepping] = step_corr[stepping]
@@ -355,7 +363,7 @@ class SMC:
             return chosen, np.log(weights[chosen]) - np.log(tempered[chosen])
         size = n_g
         if self.frontier:
-            size = min(n_g, int(np.count_nonzero(lw_g > NEG_INF)))
+            size = min(self.frontier, int(np.count_nonzero(lw_g > NEG_INF)))
         chosen = self.resampler(weights, size, rng)
         return chosen, (lw_g[chosen] if self.keep_weights else np.zeros(size))
 

@@ -22,6 +22,9 @@ score that makes the increment −∞, kills that particle; it never kills the r
     p(x)·r(x)^β for *any* positive twist ψ; the twist only changes the variance, and
     Ẑ estimates E_p[r^β].
 
+``Unweighted()``
+    Δℓ_t = 0: plain Monte Carlo from the proposal (self-consistency's pool).
+
 ``Outcome(reward, beta)``
     Δℓ_t = 0 until the particle finishes, then β·log r. With one macro-step this is
     best-of-N (argmax selection) or sampling-importance-resampling.
@@ -137,3 +140,9 @@ class Outcome:
             done = [s for s, f in zip(states, finished) if f]
             incr[finished] = self.beta * _log(await _scores(self.reward, done, "Outcome.reward"))
         return incr, np.asarray(carry, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class Unweighted:
+    async def increments(self, states, finished, carry):
+        return np.zeros(len(states)), np.asarray(carry, dtype=np.float64)

@@ -20,6 +20,7 @@ from typing import Any, Callable, ClassVar, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ..core import SMC, Outcome, Unweighted, drive
 from ..protocols import Generator, OutcomeScorer, ProcessRewardModel
 from ..tasks.answers import answer_key as default_answer_key
 from ..types import Candidate, Particle, Problem, Result, SamplingParams
@@ -171,6 +172,9 @@ class Strategy(ABC):
 class PooledStrategy(Strategy):
     """A method whose answer is a function of N i.i.d. whole samples (and their scores).
 
+    The pool is one macro-step of the core: N particles, each proposed a whole solution
+    (one request with k = N), weighed by ``Outcome(score)`` (ℓ = log r, r the outcome
+    score) for scored methods and not at all (``Unweighted``) otherwise, never resampled.
     ``run`` draws the pool and calls :meth:`select`; the bench instead draws one pool of
     the largest budget N and evaluates every budget b ≤ N on random size-b subsets of it,
     as is standard for the best-of-N family."""
@@ -182,15 +186,18 @@ class PooledStrategy(Strategy):
         return self.select(ctx, budget, particles, scores)
 
     async def sample_pool(self, ctx: RunContext, n: int) -> tuple[list[Particle | None], np.ndarray | None]:
-        """n whole samples, and their scores (NaN where a sample or its scoring failed)."""
-        particles = await ctx.sample_full(n)
+        """n whole samples (``None`` where one failed), and their scores r = e^ℓ (NaN where a
+        sample or its scoring failed; ``None`` for an unscored method)."""
+        if n == 0:
+            return [], (np.zeros(0) if self.scored else None)
+        observe = Outcome(ctx.outcome_scores) if self.scored else Unweighted()
+        kernel = SMC(ctx.propose_whole, observe, max_steps=1, schedule="never")
+        smc = await drive(kernel, [Particle(ctx.problem)] * n, ctx.rng)
+        alive = smc.log_weights > -math.inf
+        particles = [s if ok else None for s, ok in zip(smc.states, alive)]
         if not self.scored:
             return particles, None
-        scores = np.full(len(particles), np.nan)
-        alive = [i for i, p in enumerate(particles) if p is not None]
-        if alive:
-            scores[alive] = await ctx.outcome_scores([particles[i] for i in alive])
-        return particles, scores
+        return particles, np.where(alive, np.exp(smc.log_weights), np.nan)
 
     @abstractmethod
     def select(self, ctx: RunContext, budget: int, particles: Sequence[Particle | None],

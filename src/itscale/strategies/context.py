@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..core.smc import Proposed
+from ..core.records import Proposed
 from ..protocols import Generator, OutcomeScorer, ProcessRewardModel
 from ..rewards.aggregate import aggregate, score_request_steps
 from ..tasks.answers import extract_answer
@@ -99,6 +99,13 @@ class RunContext:
                 finished[i] = done
         return Proposed(new, finished)
 
+    async def propose_whole(self, particles: Sequence[Particle], rng=None) -> Proposed:
+        """The macro-step proposal: a whole solution for each (empty) particle, from one
+        request (:meth:`sample_full`); every one is finished, a failed one is ``None``."""
+        if any(p.steps for p in particles):
+            raise ValueError("propose_whole samples whole solutions from the empty one; got a partial solution")
+        return Proposed(await self.sample_full(len(particles)), [True] * len(particles))
+
     async def sample_full(self, n: int, temperature: float | None = None) -> list[Particle | None]:
         """n whole solutions from one request (``stop=()``), split into steps.
 
@@ -111,6 +118,31 @@ class RunContext:
         request = StepRequest(self.problem, (), n, params, ())
         (outputs,) = await self._generate([request])
         return [None if s.failed else self.particle_from_text(s) for s in outputs]
+
+    async def complete(self, particles: Sequence[Particle], temperature: float | None = None) -> list[Particle | None]:
+        """Each particle continued to the end of its solution (``stop=()``), its completion split
+        into steps as in :meth:`sample_full`; one ``generate_steps`` call, copies of one particle
+        sharing a k>1 request. A finished particle is returned as it is (no request); a failed
+        completion gives ``None``. A completion may be as long as the steps left would make it:
+        ``max_step_tokens × (format.max_steps − n_steps)`` tokens (at least one step's worth)."""
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(particles):
+            if not p.finished:
+                groups.setdefault(id(p), []).append(i)
+        requests = []
+        for idx in groups.values():
+            parent = particles[idx[0]]
+            params = self._params(temperature)
+            room = max(1, self.format.max_steps - parent.n_steps)
+            params = replace(params, max_step_tokens=params.max_step_tokens * room)
+            requests.append(StepRequest(self.problem, parent.steps, len(idx), params, ()))
+        out: list[Particle | None] = list(particles)
+        outputs = await self._generate(requests) if requests else []
+        for idx, completions in zip(groups.values(), outputs):
+            for i, s in zip(idx, completions):
+                rest = None if s.failed else self.particle_from_text(s)
+                out[i] = None if rest is None else Particle(self.problem, particles[i].steps + rest.steps, finished=True)
+        return out
 
     def failure_message(self) -> str | None:
         """When every continuation the policy was asked for failed: why (its most frequent

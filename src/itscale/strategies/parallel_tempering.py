@@ -8,7 +8,10 @@ each chain runs one conditional SMC sweep from its reference; then neighbours
 
     min(1, exp((β_k − β_{k+1})·(L(x_{k+1}) − L(x_k)))),   β = 1/T,
 
-which keeps the product of the chain targets invariant. Budget = chains ×
+which keeps the product of the chain targets invariant. L needs no PRM call: the
+genealogy records each particle's increments, chain k's are link(s_t)/T_k, so a
+reference drawn from chain k has L = T_k · Σ_t Δℓ_t (``Trajectory.log_potential``), and
+L travels with the reference when it is swapped. Budget = chains ×
 particles × rounds. The answer comes from the coldest chain (the first
 temperature), whose sweeps give the candidates with equal weight per round.
 """
@@ -22,7 +25,7 @@ from pydantic import Field, field_validator
 
 from ..core import EveryStep
 from ..core.genealogy import Trajectory
-from ..types import Particle, Result
+from ..types import Result
 from .base import Strategy, register
 from .context import RunContext
 from .particle_gibbs import ChainParams, csmc_sweep, next_reference
@@ -40,16 +43,6 @@ class ParallelTemperingParams(ChainParams):
         return value
 
 
-def log_odds(s: float, link: str, eps: float = 1e-7) -> float:
-    """link(s): log(s/(1−s)) or log s, with the same clipping as EveryStep."""
-    if not s > 0:
-        return -math.inf
-    if link == "odds":
-        s = min(s, 1 - eps)
-        return math.log(s) - math.log1p(-s)
-    return math.log(s)
-
-
 @register
 class ParallelTempering(Strategy):
     name = "parallel_tempering"
@@ -60,39 +53,25 @@ class ParallelTempering(Strategy):
         super().check_budget(budget)
         self.require_divisible(budget, len(self.params.temperatures) * self.params.rounds, "chains × rounds =")
 
-    async def potential(self, ctx: RunContext, refs: list[Trajectory | None]) -> list[float]:
-        """L(x) for each reference, scoring every prefix in one PRM call."""
-        prefixes, owners = [], []
-        for i, ref in enumerate(refs):
-            if ref is None:
-                continue
-            final: Particle = ref.final
-            for t in range(1, final.n_steps + 1):
-                prefixes.append(Particle(ctx.problem, final.steps[:t]))
-                owners.append(i)
-        totals = [-math.inf if r is None else 0.0 for r in refs]
-        if prefixes:
-            for i, s in zip(owners, await ctx.prm_scores(prefixes)):
-                totals[i] += log_odds(float(s), self.params.link)
-        return totals
-
     async def _run(self, ctx: RunContext, budget: int) -> Result:
         p = self.params
         temps = p.temperatures
         n = budget // (len(temps) * p.rounds)
         observers = [EveryStep(ctx.prm_scores, link=p.link, temperature=t) for t in temps]
         refs: list[Trajectory | None] = [None] * len(temps)
+        L = [-math.inf] * len(temps)  # L(x) of each chain's reference
         states, weights, swaps, accepted = [], [], 0, 0
         for r in range(p.rounds):
             for k, observe in enumerate(observers):
                 smc = await csmc_sweep(ctx, n, observe, p.schedule, refs[k])
-                refs[k] = next_reference(smc, ctx) or refs[k]
+                drawn = next_reference(smc, ctx)
+                if drawn is not None:
+                    refs[k], L[k] = drawn, temps[k] * drawn.log_potential
                 if k == 0 and smc.ok:
                     states += list(smc.states)
                     weights += list(np.asarray(smc.weights) / p.rounds)
             if r == p.rounds - 1:
                 break
-            L = await self.potential(ctx, refs)
             for k in range(r % 2, len(temps) - 1, 2):
                 if refs[k] is None or refs[k + 1] is None:
                     continue
@@ -100,6 +79,7 @@ class ParallelTempering(Strategy):
                 log_a = (1 / temps[k] - 1 / temps[k + 1]) * (L[k + 1] - L[k])
                 if math.log(ctx.rng.random()) < min(0.0, log_a):
                     refs[k], refs[k + 1] = refs[k + 1], refs[k]
+                    L[k], L[k + 1] = L[k + 1], L[k]
                     accepted += 1
         if not states:
             return self.result(ctx, budget, [], [], message="the coldest chain never produced a solution")

@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from ..core.genealogy import Trajectory
-from ..core.smc import Proposed
+from ..core.records import Proposed
 
 
 @dataclass
