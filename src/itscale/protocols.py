@@ -7,6 +7,10 @@ declare what they can do in ``capabilities`` instead of failing late.
 Whole solutions are requested with ``StepRequest(stop=())``: one method,
 ``generate_steps``, serves both step-by-step and full-solution sampling.
 
+A backend may offer more than the contract: :class:`Racer` (``race``: sample ``k``
+continuations, keep the first to finish, stop the rest) is such an optional capability;
+callers check ``isinstance(policy, Racer)`` and fall back to ``generate_steps`` otherwise.
+
 Every rule a backend must keep is written as a check in :mod:`itscale.testing.contracts`
 (``GeneratorContract``, ``PRMContract``); a backend's tests subclass those suites.
 """
@@ -15,7 +19,14 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence, runtime_checkable
 
-from .types import Capabilities, ScoreRequest, Step, StepRequest, StepScores
+from .types import (
+    Capabilities,
+    RaceOutcome,
+    ScoreRequest,
+    Step,
+    StepRequest,
+    StepScores,
+)
 
 
 @runtime_checkable
@@ -25,6 +36,27 @@ class Generator(Protocol):
     capabilities: Capabilities
 
     async def generate_steps(self, requests: Sequence[StepRequest]) -> list[list[Step]]: ...
+
+
+@runtime_checkable
+class Racer(Protocol):
+    """A policy that races ``request.k`` samples of one request and keeps the first to finish.
+
+    ``race`` samples the ``k`` continuations concurrently (usually whole solutions,
+    ``stop=()``; step requests work the same), returns as soon as one finishes (a stop
+    string, end-of-sequence, or its token limit) and stops generating the others. Each
+    sample is drawn as ``generate_steps`` would draw it, so the winner is a valid
+    continuation; which one wins is what the race decides (fewest tokens on a local model
+    decoding in lock-step, earliest reply on a server). A sample that fails does not win;
+    only when all ``k`` fail is the winner a failed step (``finish_reason="error"``)
+    carrying the error. ``k < 1`` is a ``ValueError``.
+
+    Optional: a wrapper exposes ``race`` only when what it wraps has it, so
+    ``isinstance(policy, Racer)`` (or ``hasattr(policy, "race")``) tells a caller whether to
+    fall back to ``generate_steps``.
+    """
+
+    async def race(self, request: StepRequest) -> RaceOutcome: ...
 
 
 @runtime_checkable

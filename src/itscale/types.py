@@ -172,6 +172,23 @@ class StepRequest:
 
 
 @dataclass(frozen=True)
+class RaceOutcome:
+    """The first of k samples of one request to finish, and what the race cost
+    (:class:`itscale.protocols.Racer`).
+
+    ``winner`` carries the request's ``prompt_tokens`` / ``prefilled_tokens`` (as the first
+    continuation of ``generate_steps`` does) and its own ``tokens``; ``spent_tokens`` counts
+    every token generated for the race, the winner's included, so a caller charges
+    ``spent_tokens`` (not ``winner.tokens``) as the race's generated tokens.
+    """
+
+    winner: Step  # the first sample to finish; a failed Step (finish_reason "error") only if all k failed
+    index: int  # which of the k samples won (0..k-1)
+    spent_tokens: int  # tokens generated over all k samples (the winner's included) until the rest were cancelled
+    cancelled: int  # samples stopped before they finished
+
+
+@dataclass(frozen=True)
 class ScoreRequest:
     """Score each step of one (partial) solution: ``steps`` are step texts.
     ``cache_namespace`` as for :class:`StepRequest`."""

@@ -9,6 +9,9 @@ them on one worker). What is checked:
   text and log-probability vs :class:`HFGenerator`, PRM scores vs :class:`HFTagPRM`;
 - particle filtering end to end through ``run_many``, and ``itscale bench`` with
   ``http://`` policy and PRM;
+- races (``OpenAIGenerator.race``): the losers' requests are aborted on the server (its
+  ``/metrics``: fewer tokens generated than the samples run to the end, the long ones never
+  finish), and an unreachable server gives the error step ``generate_steps`` gives;
 - fault handling through :class:`servers.FaultProxy` (5xx, delays past the client
   timeout, dropped connections: retried; persistent failures: the particles die and
   the run still returns), and ``check()`` failing fast on a bad endpoint or model.
@@ -19,6 +22,7 @@ Needs ``.venv-vllm`` (``make test`` creates it); ``ITSCALE_SKIP_VLLM=1`` skips.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import math
 import time
@@ -39,7 +43,7 @@ from itscale.rewards.remote import RemoteTagPRM  # noqa: E402
 from itscale.strategies import make_strategy, run_many  # noqa: E402
 from itscale.testing.contracts import Case, GeneratorContract, PRMContract  # noqa: E402
 from itscale.tasks import arithmetic  # noqa: E402
-from itscale.types import SamplingParams, ScoreRequest, Step, StepRequest  # noqa: E402
+from itscale.types import Problem, SamplingParams, ScoreRequest, Step, StepRequest  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("vllm")]
 
@@ -299,6 +303,97 @@ def test_particle_filtering_with_block_aligned_look_ahead(policy_url, prm_url):
     # sampling); below 0.5 with the PRM before it. This PRM resamples harder, and each copy a
     # resampling makes starts a fresh continuation mid-block. Without look-ahead the ratio is ~1.
     assert ahead < 0.7 * plain, (ahead, plain)
+
+
+# -- races ------------------------------------------------------------------------------------
+
+#: Outside the embedded policy's task: its whole solutions run from about 15 to past 150 tokens.
+NUMBERS = Problem("numbers", "1 2 3 4 5 6 7 8 9")
+
+
+def server_counters(url: str, settle: float = 15.0) -> dict[str, float]:
+    """The server's generated tokens and finished requests from ``/metrics`` (vLLM 0.32 leaves
+    aborted requests out of ``vllm:request_success_total``, its ``abort`` label included), once
+    nothing runs and the counters stand still (a request the server did not abort would go on
+    generating, and finish)."""
+    import httpx
+
+    def read() -> dict[str, float]:
+        out = {"generated": 0.0, "finished": 0.0, "running": 0.0}
+        for line in httpx.get(url.removesuffix("/v1") + "/metrics", timeout=10).text.splitlines():
+            name = line.split("{")[0].split(" ")[0]
+            key = {"vllm:generation_tokens_total": "generated", "vllm:request_success_total": "finished",
+                   "vllm:num_requests_running": "running"}.get(name)
+            if key is not None:
+                out[key] += float(line.split()[-1])
+        return out
+
+    deadline, last = time.monotonic() + settle, read()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = read()
+        if now == last and now["running"] == 0:
+            break
+        last = now
+    return last
+
+
+def test_a_race_cancels_the_losing_requests_on_the_server(policy_url, request):
+    """``OpenAIGenerator.race`` with 8 seeded samples of one whole solution: the winner is the
+    sample ``generate_steps`` gives for its seed, and the server shows the others were stopped: it
+    generated far fewer tokens than the 8 samples run to the end (measured first, same seeds), and
+    the long samples never finished (vLLM aborted them when their connections closed)."""
+    k, seed = 8, 0
+    params = SamplingParams(temperature=1.0, max_step_tokens=180, seed=seed)
+    singles = [StepRequest(NUMBERS, (), 1, dataclasses.replace(params, seed=seed + j), ()) for j in range(k)]
+    start = server_counters(policy_url)
+    full = [s for (s,) in generate(policy(policy_url, merge_prompts=1), singles)]
+    ran = server_counters(policy_url)
+    lengths = [s.tokens for s in full]
+    assert all(s.error is None for s in full) and ran["generated"] - start["generated"] == sum(lengths)
+    long = sum(n > min(lengths) + 40 for n in lengths)
+    assert long >= 2, lengths  # the premise: some samples run far past the shortest
+
+    gen = policy(policy_url, merge_prompts=1)
+
+    async def go():
+        async with gen:  # read the server while the client still runs (its pool open): only the race
+            out = await gen.race(StepRequest(NUMBERS, (), k, params, ()))  # may have stopped the others
+            return out, await asyncio.to_thread(server_counters, policy_url)
+
+    out, raced = asyncio.run(go())
+    generated = raced["generated"] - ran["generated"]
+    finished = raced["finished"] - ran["finished"]
+    winner = out.winner
+    assert winner.error is None and winner.finish_reason in ("eos", "length") and winner.tokens > 0
+    assert winner.text == full[out.index].text and winner.tokens == lengths[out.index]  # seeded: that very sample
+    assert winner.tokens <= min(lengths) + 8  # the first to complete is (about) the shortest
+    assert out.cancelled >= long and gen.http.usage.cancelled >= out.cancelled
+    assert finished <= k - long  # the long samples never finished: the server aborted them
+    assert finished >= 1
+    # the client counted what it received; the server may have generated a few more per cancelled
+    # sample before it saw the client go (measured: 0 to 5 each)
+    assert out.spent_tokens <= generated <= out.spent_tokens + 24 * out.cancelled
+    assert generated < sum(lengths) - 100  # far fewer than the 8 samples run to the end
+    measured = (f"the server generated {generated:.0f} tokens (the client counted {out.spent_tokens}) against "
+                f"{sum(lengths)} for the samples run to the end (lengths {lengths}); {out.cancelled} cancelled, "
+                f"{finished:.0f} finished")
+    request.node.user_properties.append(
+        ("itscale_measurement", ("vLLM race of 8 whole-solution samples (embedded policy)", measured)))
+
+
+def test_a_race_at_an_unreachable_server_gives_the_error_step():
+    gen = policy(f"http://127.0.0.1:{free_port()}/v1", retries=1)
+    req = StepRequest(NUMBERS, (), 3, SamplingParams(max_step_tokens=8, seed=0), ())
+
+    async def go():
+        async with gen:
+            return await gen.race(req), await gen.generate_steps([req])
+
+    out, ((expected, *_),) = asyncio.run(go())
+    assert out.winner.failed and out.winner.error == expected.error
+    assert "no HTTP response (after 2 attempts)" in out.winner.error and "is the server running" in out.winner.error
+    assert (out.index, out.spent_tokens, out.cancelled) == (0, 0, 0)
 
 
 # -- faults -----------------------------------------------------------------------------------

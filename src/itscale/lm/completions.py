@@ -57,6 +57,12 @@ template, so an *exact* continuation of partial steps then depends on the server
 server's error). Read back: ``choices[i].message.content`` and
 ``.logprobs.content[j].logprob``.
 
+**Streamed (a policy's races).** The same bodies with ``"stream": true`` and
+``"stream_options": {"include_usage": true}``, posted with
+:meth:`~itscale.lm.http.EndpointPool.post_stream` (``post_learning(..., send=...)``): each
+event's tokens are counted as it arrives (:func:`streamed_tokens`), and the merged events
+are read by :func:`parse_reply` like a reply that was not streamed.
+
 Finish reasons
 --------------
 :func:`finish_of` maps a choice to ``(text, finish_reason, error)``. ``text`` keeps its
@@ -125,14 +131,15 @@ import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from .http import BackendError, EndpointPool, Reply
 from .loading import TOKENIZER_FILES, ChatPrompts, ModelLoadError, encode, load_tokenizer
 
 __all__ = [
     "VLLM_EXTENSIONS", "Choice", "Completion", "CompletionsClient", "Sampling", "cache_salt", "finish_of",
-    "make_pool", "named_context_length", "parse_reply", "resolve_tokenizer", "split_evenly", "unexpected_shape",
+    "make_pool", "named_context_length", "parse_reply", "resolve_tokenizer", "split_evenly", "streamed_tokens",
+    "unexpected_shape",
 ]
 
 #: vLLM request fields beyond the OpenAI API that this module may send.
@@ -196,6 +203,24 @@ def split_evenly(total: int, parts: int) -> list[int]:
     """``total`` as ``parts`` integers that differ by at most one (the larger first)."""
     q, r = divmod(int(total), parts)
     return [q + (1 if j < r else 0) for j in range(parts)]
+
+
+def streamed_tokens(event: Mapping[str, Any]) -> int:
+    """The tokens one streamed event delivers: its log-probability entries (``logprobs.tokens``
+    for completions, ``logprobs.content`` for chat; vLLM sends one per token), else one per
+    choice with text (a server that streams without log-probabilities sends about a token a
+    chunk)."""
+    n = 0
+    for choice in event.get("choices") or ():
+        lp = choice.get("logprobs")
+        entries = None
+        if isinstance(lp, Mapping):
+            entries = lp.get("tokens") if lp.get("tokens") is not None else lp.get("content")
+        if isinstance(entries, list):
+            n += len(entries)
+        elif choice.get("text") or (choice.get("delta") or {}).get("content"):
+            n += 1
+    return n
 
 
 def unexpected_shape(endpoint: str, err: Exception) -> BackendError:
@@ -476,19 +501,22 @@ class CompletionsClient:
         return await self.http.post("completions", self.completions_body(prompts, sampling))
 
     async def post_learning(self, path: str, make_body: Callable[[], Mapping[str, Any]], *,
-                            resend_after_context_length: bool = True) -> Reply:
+                            resend_after_context_length: bool = True,
+                            send: Callable[[str, Mapping[str, Any]], Awaitable[Reply]] | None = None) -> Reply:
         """POST ``make_body()``; on a 4xx that teaches a quirk, learn it and re-send a body made
         anew: after dropping the vLLM extensions always, after learning a context length only
-        with ``resend_after_context_length`` (else the error is raised, the length learnt)."""
+        with ``resend_after_context_length`` (else the error is raised, the length learnt).
+        ``send(path, body)`` posts (default: the pool's ``post``; e.g. a stream's ``post_stream``)."""
         try:
-            return await self.http.post(path, make_body())
+            return await (send or self.http.post)(path, make_body())
         except BackendError as err:
             if self.learn_context_length(err):
                 if not resend_after_context_length:
                     raise
             elif not self.drop_extensions(err):
                 raise
-        return await self.post_learning(path, make_body, resend_after_context_length=resend_after_context_length)
+        return await self.post_learning(path, make_body, resend_after_context_length=resend_after_context_length,
+                                        send=send)
 
     def parse(self, reply: Reply, expected: int | None = None) -> Completion:
         """:func:`parse_reply` for this client's API."""

@@ -29,6 +29,13 @@ raw distribution (temperature 1, no nucleus), in float64. Sampling is described 
 :mod:`itscale.lm.sampling`: continuation ``j`` of a request with seed ``s`` uses only
 its own row of uniforms, so results do not depend on batch composition.
 
+Racing
+------
+:meth:`HFGenerator.race` decodes a request's ``k`` rows as above and stops the whole
+batch after the first forward pass in which a row finished: the winner is the row with
+the fewest tokens (lowest index on ties), token for token what ``generate_steps`` gives
+that row with the same seed, and the race costs ``k`` times its length.
+
 Key/value-cache reuse
 ---------------------
 With ``reuse_cache=True`` a :class:`~itscale.lm.kv_cache.KVStore` (a prefix tree of KV
@@ -74,6 +81,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import os
 import threading
 from dataclasses import asdict, dataclass, field
@@ -82,7 +90,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..types import Capabilities, SamplingParams, Step, StepRequest
+from ..types import Capabilities, RaceOutcome, SamplingParams, Step, StepRequest
 from .detok import Detokenizer, find_stop
 from .hf_cache import accepts, buffered_cache, cache_kwarg, cache_states, check_full_attention, tokens_for_bytes
 from .kv_cache import KVNode, KVStore, new_root
@@ -224,6 +232,41 @@ class HFGenerator:
         with self._lock, torch.inference_mode():
             return self._generate(list(requests))
 
+    async def race(self, request: StepRequest) -> RaceOutcome:
+        """The first of ``request.k`` samples to finish (:class:`itscale.protocols.Racer`),
+        decoded in lock-step and stopped early.
+
+        The ``k`` rows are exactly the rows :meth:`generate_steps` decodes for ``request``
+        (the same context, and the same uniforms: row ``j`` draws from row ``j`` of the
+        request's seeded table, so its tokens do not depend on the other rows). Forward pass
+        ``t`` gives every running row its ``t``-th token; the first pass after which a row has
+        finished (stop string, end-of-sequence, or its token limit) ends the race. With
+        ``L_j`` the token count ``generate_steps`` gives row ``j`` (same seed):
+
+        - ``index = argmin_j L_j`` (the lowest ``j`` on ties), and ``winner`` is that row's
+          step as ``generate_steps`` returns it (text, tokens, log-probability, carry), with
+          the request's ``prompt_tokens`` / ``prefilled_tokens``;
+        - ``spent_tokens = k · L_min``: every row generated ``L_min`` tokens (when
+          ``k <= max_batch``; a larger ``k`` decodes in chunks of ``max_batch`` one after
+          another, each chunk stopped at the fewest tokens any earlier row finished with,
+          so ``spent_tokens`` counts what the chunks really generated, ``>= k · L_min``);
+        - ``cancelled`` = the rows that had not finished (``L_j > L_min``).
+
+        A carry that already holds a stop string is the whole step (index 0, nothing spent).
+        A context that leaves no room in the model fails every row: the winner is that error
+        step, index 0, nothing spent. ``k < 1`` raises ``ValueError``.
+        """
+        if self.run_in_thread:
+            return await asyncio.to_thread(self.race_sync, request)
+        return self.race_sync(request)
+
+    def race_sync(self, request: StepRequest) -> RaceOutcome:
+        """The same as :meth:`race`, blocking."""
+        if request.k < 1:
+            raise ValueError(f"race needs k >= 1 samples to race, got k={request.k}")
+        with self._lock, torch.inference_mode():
+            return self._race(request)
+
     def reset_stats(self) -> None:
         self.stats = GeneratorStats()
 
@@ -243,6 +286,22 @@ class HFGenerator:
 
     # -- one call -------------------------------------------------------------------
     def _generate(self, requests: list[StepRequest]) -> list[list[Step]]:
+        rows = self._rows(requests)
+        # chunks of similar context lengths pad less (rows of one context stay together)
+        live = sorted((row for row in rows if row.ctx.error is None and row.finish is None),
+                      key=lambda row: row.ctx.node.length)
+        for start in range(0, len(live), self.max_batch):
+            self._decode(live[start:start + self.max_batch])
+        outputs: list[list[Step]] = [[] for _ in requests]
+        for row in rows:
+            outputs[row.request].append(self._step(row, first=not outputs[row.request]))
+        if self.reuse_cache:
+            self.store.trim()
+        return outputs
+
+    def _rows(self, requests: list[StepRequest]) -> list[_Row]:
+        """Every continuation of the call as a row, its context prefilled (or failed); a row
+        whose carry already holds a stop string is finished."""
         self.stats.calls += 1
         self.stats.requests += len(requests)
         texts = [self.context_text(r.problem.prompt, r.prefix + r.carry) for r in requests]
@@ -260,17 +319,25 @@ class HFGenerator:
             end = find_stop(row.head, row.stops, 0) if row.head and row.stops else None
             if end is not None:
                 row.text, row.carry, row.finish = row.head[:end], row.head[end:], "stop"
-        # chunks of similar context lengths pad less (rows of one context stay together)
-        live = sorted((row for row in rows if row.ctx.error is None and row.finish is None),
-                      key=lambda row: row.ctx.node.length)
+        return rows
+
+    def _race(self, request: StepRequest) -> RaceOutcome:
+        rows = self._rows([request])
+        live = [row for row in rows if row.ctx.error is None and row.finish is None]
+        best = math.inf  # the fewest tokens a row has finished with so far
         for start in range(0, len(live), self.max_batch):
-            self._decode(live[start:start + self.max_batch])
-        outputs: list[list[Step]] = [[] for _ in requests]
-        for row in rows:
-            outputs[row.request].append(self._step(row, first=not outputs[row.request]))
+            chunk = live[start:start + self.max_batch]
+            self._decode(chunk, race=best)
+            best = min([best] + [row.n_tokens for row in chunk if row.finish is not None])
+        finished = [j for j, row in enumerate(rows) if row.finish is not None]
+        index = min(finished, key=lambda j: (rows[j].n_tokens, j), default=0)
+        spent = sum(row.n_tokens for row in rows)
+        winner = self._step(rows[index], first=True)
+        self.stats.rows += sum(row.ctx.error is None for j, row in enumerate(rows) if j != index)
+        self.stats.generated_tokens += spent - rows[index].n_tokens
         if self.reuse_cache:
             self.store.trim()
-        return outputs
+        return RaceOutcome(winner, index, spent, sum(row.finish is None for row in live))
 
     def _step(self, row: _Row, first: bool) -> Step:
         ctx = row.ctx
@@ -360,7 +427,11 @@ class HFGenerator:
         return out.logits[:, -1].float()
 
     # -- decoding -------------------------------------------------------------------
-    def _decode(self, rows: list[_Row]) -> None:
+    def _decode(self, rows: list[_Row], race: float | None = None) -> None:
+        """Decode ``rows`` in lock-step (one token for every running row per forward pass)
+        until each has finished. ``race`` (see :meth:`race`): stop after the first pass in
+        which a row finished, or once the rows have ``race`` tokens; the rows still running
+        then stay unfinished (``finish`` None)."""
         nodes = list(dict.fromkeys(row.ctx.node for row in rows))
         where = {id(n): i for i, n in enumerate(nodes)}
         index = torch.tensor([where[id(row.ctx.node)] for row in rows], device=self.device)
@@ -388,6 +459,7 @@ class HFGenerator:
             tokens = sample_tokens(logits, temperature, top_p, uniforms[:, t]).tolist()
             lps = token_logprobs(logits, torch.tensor(tokens, device=logits.device)).tolist()
             finals = set()  # rows whose last token must be run once more to store the step
+            before = len(live)
             for b in sorted(live):
                 row = batch[b]
                 if not self._advance(row, tokens[b], lps[b]):
@@ -397,6 +469,8 @@ class HFGenerator:
                     finals.add(b)
                 elif row.store_kept:  # a stop string ended inside a token: store what was fed
                     self._store(row, cache, b, P, None)
+            if race is not None and (len(live) < before or t + 1 >= race):
+                live.clear()  # the race is over: the others stop here (finished rows are still stored)
             feed = sorted(live | finals)
             if not feed:
                 break

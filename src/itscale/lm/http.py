@@ -25,6 +25,14 @@ OpenAI HTTP API (vLLM, llama.cpp's server, hosted APIs):
   own message (``{"error": {"message": …}}``, ``{"detail": …}`` or the raw text), plus
   a hint at the usual fix.
 - **Usage.** :attr:`EndpointPool.usage` sums the ``usage`` blocks of all responses.
+- **Streaming.** :meth:`EndpointPool.post_stream` posts a body that asks for a stream
+  (``"stream": true``) and reads the server-sent events, one JSON object per ``data:``
+  line up to ``data: [DONE]``, handing each to a callback as it arrives; the reply is the
+  events merged into the shape of the non-streamed reply (:func:`merge_events`). Retries,
+  load balancing and errors are those of :meth:`~EndpointPool.post` (an error event, or a
+  connection dropped half-way, fails the attempt like an error status or a dropped
+  connection). Cancelling the awaiting task closes the connection (the server sees the
+  client go; vLLM then aborts the request) and counts in ``usage.cancelled``.
 
 The pool's ``httpx.AsyncClient`` belongs to the event loop it was first used in; if
 a later call runs in a different loop (e.g. successive ``asyncio.run`` calls), a
@@ -39,12 +47,12 @@ import asyncio
 import json
 import random
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Awaitable, Callable, Mapping, NamedTuple, Sequence
 from urllib.parse import urlsplit
 
 import httpx
 
-__all__ = ["BackendError", "EndpointPool", "Reply", "Usage", "normalize_base_url"]
+__all__ = ["BackendError", "EndpointPool", "Reply", "Usage", "merge_events", "normalize_base_url"]
 
 #: Transport failures worth retrying: the request may well succeed next time.
 RETRYABLE_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
@@ -92,6 +100,7 @@ class Usage:
 
     requests: int = 0  # successful responses
     failures: int = 0  # requests that raised BackendError
+    cancelled: int = 0  # streamed requests whose caller cancelled them (their usage is unknown)
     retries: int = 0  # extra attempts
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -143,6 +152,61 @@ def error_message(response: httpx.Response) -> str:
             if data.get(key):
                 return str(data[key])[:500]
     return json.dumps(data)[:500]
+
+
+def merge_events(events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The reply that streamed events add up to, shaped as the non-streamed reply.
+
+    Per choice ``index``: the ``text`` pieces (completions) and ``delta.content`` pieces (chat,
+    merged as ``message.content``) joined, lists (the log-probabilities) concatenated, any
+    other field the last value sent (``finish_reason`` / ``stop_reason`` arrive with the last
+    token; a field sent only as ``null`` stays, as ``null``). ``usage`` is the last one sent
+    (``stream_options.include_usage`` puts it in a final event without choices)."""
+    choices: dict[int, dict[str, Any]] = {}
+    usage = None
+    for event in events:
+        if event.get("usage"):
+            usage = event["usage"]
+        for choice in event.get("choices") or ():
+            index = int(choice.get("index", 0))
+            _merge_into(choices.setdefault(index, {}), choice)
+    return {"choices": [choices[i] for i in sorted(choices)], "usage": usage}
+
+
+def _merge_into(into: dict[str, Any], part: Mapping[str, Any]) -> dict[str, Any]:
+    for key, value in part.items():
+        key = "message" if key == "delta" else key
+        old = into.get(key)
+        if value is None:
+            into.setdefault(key, None)
+        elif isinstance(value, str) and key in ("text", "content"):
+            into[key] = (old if isinstance(old, str) else "") + value
+        elif isinstance(value, list):
+            into[key] = (old if isinstance(old, list) else []) + value
+        elif isinstance(value, Mapping):
+            into[key] = _merge_into(old if isinstance(old, dict) else {}, value)
+        else:
+            into[key] = value
+    return into
+
+
+class _Retry(Exception):
+    """An attempt that failed in a way worth retrying (HTTP 429 or 5xx)."""
+
+    def __init__(self, error: BackendError, retry_after: float | None = None):
+        super().__init__(str(error))
+        self.error, self.retry_after = error, retry_after
+
+
+def _check_status(response: httpx.Response, endpoint: str) -> None:
+    """Nothing for a 2xx; :class:`_Retry` for 429/5xx; else the :class:`BackendError` to give up with."""
+    status = response.status_code
+    if 200 <= status < 300:
+        return
+    error = BackendError(endpoint, status, error_message(response))
+    if status == 429 or status >= 500:
+        raise _Retry(error, _retry_after(response) if status in (429, 503) else None)
+    raise error
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -242,6 +306,67 @@ class EndpointPool:
     # -- requests -----------------------------------------------------------------------
     async def post(self, path: str, body: Mapping[str, Any], timeout: float | None = None) -> Reply:
         """POST ``body`` as JSON; the decoded JSON reply, or :class:`BackendError`."""
+        async def once(client: httpx.AsyncClient, endpoint: str) -> Reply:
+            response = await client.post(endpoint, json=body, timeout=timeout or self.timeout)
+            _check_status(response, endpoint)
+            return self._decode(response, endpoint)
+
+        return await self._attempts(path, once)
+
+    async def post_stream(self, path: str, body: Mapping[str, Any],
+                          on_event: Callable[[dict[str, Any]], None] | None = None) -> Reply:
+        """POST ``body`` (which asks for ``"stream": true``) and read its events (see
+        "Streaming" in the module docstring): ``on_event(event)`` is called on each event of
+        every attempt as it arrives; the reply is the last attempt's events merged
+        (:func:`merge_events`), or :class:`BackendError`."""
+        async def once(client: httpx.AsyncClient, endpoint: str) -> Reply:
+            events: list[dict[str, Any]] = []
+            async with client.stream("POST", endpoint, json=body, timeout=self.timeout) as response:
+                if not 200 <= response.status_code < 300:
+                    await response.aread()
+                    _check_status(response, endpoint)
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue  # blank lines between events, ": keep-alive" comments
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    event = self._event(data, endpoint)
+                    events.append(event)
+                    if on_event is not None:
+                        on_event(event)
+            merged = merge_events(events)
+            self.usage.add(merged.get("usage"))
+            return Reply(merged, endpoint)
+
+        try:
+            return await self._attempts(path, once)
+        except asyncio.CancelledError:
+            self.usage.cancelled += 1
+            raise
+
+    @staticmethod
+    def _event(data: str, endpoint: str) -> dict[str, Any]:
+        """One streamed event; an error event fails the attempt (retried when its code is 5xx)."""
+        try:
+            event = json.loads(data)
+        except ValueError:
+            raise BackendError(endpoint, 200, f"a streamed event is not JSON: {data[:200]!r}") from None
+        if not isinstance(event, dict):
+            raise BackendError(endpoint, 200, f"expected a JSON object per event, got {data[:200]}")
+        err = event.get("error")
+        if err and not event.get("choices"):
+            message = str(err.get("message") or err) if isinstance(err, Mapping) else str(err)
+            code = err.get("code") if isinstance(err, Mapping) else None
+            status = code if isinstance(code, int) and 400 <= code < 600 else 200
+            error = BackendError(endpoint, status, f"error in the stream: {message}")
+            if status >= 500:
+                raise _Retry(error)
+            raise error
+        return event
+
+    async def _attempts(self, path: str, once: Callable[[httpx.AsyncClient, str], Awaitable[Reply]]) -> Reply:
+        """``once(client, endpoint)`` on the least-busy URL, retried as the module docstring says."""
         client, slots = self._live()
         attempt = 0
         while True:
@@ -251,22 +376,17 @@ class EndpointPool:
                 self.in_flight[index] += 1
                 retry_after = None
                 try:
-                    response = await client.post(endpoint, json=body, timeout=timeout or self.timeout)
+                    return await once(client, endpoint)
                 except RETRYABLE_ERRORS as err:
                     error = BackendError(endpoint, None, f"{type(err).__name__}: {err}".rstrip(": "))
+                except _Retry as retry:
+                    error, retry_after = retry.error, retry.retry_after
+                except BackendError:
+                    self.usage.failures += 1
+                    raise
                 except httpx.HTTPError as err:  # bad URL, unsupported protocol…: retrying cannot help
                     self.usage.failures += 1
                     raise BackendError(endpoint, None, f"{type(err).__name__}: {err}") from err
-                else:
-                    status = response.status_code
-                    if 200 <= status < 300:
-                        return self._decode(response, endpoint)
-                    error = BackendError(endpoint, status, error_message(response))
-                    if status != 429 and status < 500:
-                        self.usage.failures += 1
-                        raise error
-                    if status in (429, 503):
-                        retry_after = _retry_after(response)
                 finally:
                     self.in_flight[index] -= 1
             if attempt >= self.retries:
@@ -283,10 +403,8 @@ class EndpointPool:
         try:
             data = response.json()
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-            self.usage.failures += 1
             raise BackendError(endpoint, response.status_code, f"the reply is not JSON: {response.text[:200]!r}") from None
         if not isinstance(data, dict):
-            self.usage.failures += 1
             raise BackendError(endpoint, response.status_code, f"expected a JSON object, got {json.dumps(data)[:200]}")
         self.usage.add(data.get("usage"))
         return Reply(data, endpoint)

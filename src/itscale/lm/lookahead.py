@@ -29,7 +29,9 @@ as that particle's *look-ahead*:
   used less than half the time (beam search keeps one child in M, DVTS one in M) goes
   back to plain step requests that stop at the delimiter.
 - Whole-solution requests (no stop string), and every call of a generator with
-  ``merge_prompts=1`` (seeded, one request per StepRequest), go to the generator as they are.
+  ``merge_prompts=1`` (seeded, one request per StepRequest), go to the generator as they are;
+  so do races (``race``, offered when the generator has it; look-ahead is neither used nor
+  kept for them).
 - Look-ahead belongs to the request's problem *and* cache namespace
   (``StepRequest.cache_namespace``): a request never continues text generated for another
   namespace, and its merged requests carry only its namespace's ``cache_salt``.
@@ -51,7 +53,7 @@ import asyncio
 from dataclasses import dataclass, field, replace
 from typing import Protocol, Sequence
 
-from ..types import Capabilities, Step, StepRequest
+from ..types import Capabilities, RaceOutcome, Step, StepRequest
 from .completions import CompletionsClient, OnClient, Sampling
 from .http import BackendError
 
@@ -155,6 +157,8 @@ class Lookahead(OnClient):
         self._lanes: dict[tuple, list[_Lane]] = {}  # (owner, sampling, context) -> look-aheads there
         self._fate: dict[tuple[str, ...], list[int]] = {}  # owner -> [look-aheads used, dropped]
         self.stats = {"reused": 0, "fresh": 0, "prompts": 0, "dropped_tokens": 0}
+        if hasattr(generator, "race"):  # an optional capability: offered only when the generator has it
+            self.race = self._race
 
     @property
     def capabilities(self) -> Capabilities:
@@ -192,6 +196,10 @@ class Lookahead(OnClient):
             if first is not None:
                 out[first][0] = replace(out[first][0], tokens=out[first][0].tokens + tokens)
         return out
+
+    async def _race(self, request: StepRequest) -> RaceOutcome:
+        """The generator's race, as it is (see the module docstring)."""
+        return await self.generator.race(request)
 
     def _pays(self, owner: tuple[str, ...], usable: int) -> bool:
         """Whether the problem has used at least half of its look-aheads (counting those this

@@ -61,6 +61,29 @@ naming the model's context length caps ``max_tokens`` from then on (see the clie
 A request that fails after its retries does not raise: its continuations come back
 with ``finish_reason="error"``, empty text and ``error=str(BackendError)``, so those
 particles die and the run goes on. :meth:`OpenAIGenerator.check` fails fast instead.
+
+Races
+-----
+:meth:`OpenAIGenerator.race` (:class:`itscale.protocols.Racer`) sends the ``k`` samples
+of one request as ``k`` concurrent requests with ``n=1``, seeded as ``k`` single
+requests are (``seed + j`` for sample ``j`` when the request's seed is sent, see
+above; never merged), and *streamed* (``"stream": true``,
+``"stream_options": {"include_usage": true}``), so that the tokens of every sample are
+counted as they arrive (:func:`~itscale.lm.completions.streamed_tokens`). The first
+sample whose reply completes without error wins (samples that complete in the same
+event-loop turn: the lowest index); the other requests are cancelled at once
+(``cancelled`` counts those whose finish reason had not arrived yet), which closes
+their connections: vLLM aborts a request whose client has gone (on its ``/metrics``
+the request stops adding to ``vllm:generation_tokens_total`` and never counts in
+``vllm:request_success_total``). A sample that fails (after its retries, as any
+request) does not win; when all fail, the winner is the first one's
+error step. The winner is built from its merged stream exactly as a step of
+``generate_steps`` (stop strings, carry, finish reason, log-probability); its
+``prompt_tokens`` is ``k`` times the prompt its request reported (every sample's
+request sent that context) and ``prefilled_tokens`` is ``None`` (the cancelled
+requests' prefill is unknown). ``spent_tokens`` is every token received over the ``k``
+streams (the winner's included); the server may have generated a few more for a
+cancelled sample before it noticed the client had gone.
 """
 
 from __future__ import annotations
@@ -69,8 +92,17 @@ import asyncio
 from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
-from ..types import Capabilities, Step, StepRequest
-from .completions import Choice, Completion, CompletionsClient, OnClient, Sampling, finish_of, split_evenly
+from ..types import Capabilities, RaceOutcome, Step, StepRequest
+from .completions import (
+    Choice,
+    Completion,
+    CompletionsClient,
+    OnClient,
+    Sampling,
+    finish_of,
+    split_evenly,
+    streamed_tokens,
+)
 from .detok import carried_step, generated_text, split_carry
 from .http import BackendError, EndpointPool
 
@@ -173,6 +205,53 @@ class OpenAIGenerator(OnClient):
             for (i, _), s in zip(chunk, steps):
                 out[i] = s
         return out
+
+    async def race(self, request: StepRequest) -> RaceOutcome:
+        """The first of ``request.k`` streamed samples to complete; the others are cancelled
+        (see "Races" in the module docstring). ``k < 1`` raises ``ValueError``."""
+        if request.k < 1:
+            raise ValueError(f"race needs k >= 1 samples to race, got k={request.k}")
+        carried = carried_step(request)
+        if carried is not None:  # the carry is the whole step: nothing to ask the server
+            return RaceOutcome(carried, 0, 0, 0)
+        seed = self._seed(request)
+        received = [0] * request.k  # tokens streamed so far, per sample
+        ended = [False] * request.k  # whether the sample's finish reason has arrived
+        tasks = [asyncio.create_task(self._race_sample(request, None if seed is None else seed + j, received, ended, j))
+                 for j in range(request.k)]
+        pending, index = set(tasks), None
+        try:
+            while pending and index is None:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                index = min((j for j, task in enumerate(tasks) if task in done and not task.result().failed),
+                            default=None)
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:  # let the cancelled requests close their connections before returning
+                await asyncio.wait(pending)
+        cancelled = sum(task in pending and not ended[j] for j, task in enumerate(tasks))
+        winner = tasks[0 if index is None else index].result()
+        if index is not None:
+            winner = replace(winner, prompt_tokens=winner.prompt_tokens * request.k, prefilled_tokens=None)
+        return RaceOutcome(winner, 0 if index is None else index, sum(received), cancelled)
+
+    async def _race_sample(self, request: StepRequest, seed: int | None, received: list[int], ended: list[bool],
+                           j: int) -> Step:
+        """Sample ``j`` of a race, streamed: its step (an error step if its request failed)."""
+        def count(event: dict[str, Any]) -> None:
+            received[j] += streamed_tokens(event)
+            ended[j] = ended[j] or any(c.get("finish_reason") for c in event.get("choices") or ())
+
+        def body() -> dict[str, Any]:
+            return {**self._body(request, 1, seed), "stream": True, "stream_options": {"include_usage": True}}
+
+        path = "completions" if self.api == "completions" else "chat/completions"
+        try:
+            reply = await self.client.post_learning(path, body, send=lambda p, b: self.http.post_stream(p, b, count))
+        except BackendError as err:
+            return error_step(err)
+        return self._steps(request, [(self._parse(reply), 1)])[0]
 
     # -- one request ------------------------------------------------------------------
     async def _serve(self, request: StepRequest) -> list[Step]:

@@ -28,6 +28,9 @@ Each request sees the shared backends through :class:`RequestPolicy` and
   (``finish_reason="length"`` in the response when the chosen solution is one of
   them); a particle already at the cap gets an empty final step without a backend call,
 - set the cache namespace (below),
+- pass races on (``race``, offered only when the shared policy has it) under the same cap
+  and namespace, charging the race's ``spent_tokens`` (every sample's tokens, the
+  cancelled ones' included) to the request's progress and the server's token counters,
 
 and account for it independently of other requests:
 
@@ -70,7 +73,7 @@ import numpy as np
 from ..strategies import make_strategy
 from ..strategies.base import Strategy
 from ..strategies.batching import BatchedGenerator, BatchedPRM, Coalescer
-from ..types import Problem, Result, ScoreRequest, Step, StepFormat, StepRequest, StepScores
+from ..types import Problem, RaceOutcome, Result, ScoreRequest, Step, StepFormat, StepRequest, StepScores
 from .config import ServeConfig
 from .errors import ApiError, invalid
 from .jobs import Job
@@ -111,6 +114,8 @@ class RequestPolicy:
         self.namespace = namespace  # the cache namespace put on every request (None: shared)
         self.report_prefill = report_prefill  # keep Step.prefilled_tokens (else None)
         self.capped: list[Step] = []  # steps that ended at the cap (kept alive: compared by identity)
+        if hasattr(inner, "race"):  # an optional capability: offered only when the policy has it
+            self.race = self._race
 
     @property
     def capabilities(self):
@@ -124,37 +129,55 @@ class RequestPolicy:
     async def generate_steps(self, requests: Sequence[StepRequest]) -> list[list[Step]]:
         used = [sum(s.tokens for s in r.steps) for r in requests]
         live = [i for i, u in enumerate(used) if u < self.max_tokens]
-        sent = [dataclasses.replace(requests[i], params=dataclasses.replace(
-            requests[i].params, max_step_tokens=min(requests[i].params.max_step_tokens, self.max_tokens - used[i])),
-            cache_namespace=self.namespace if self.namespace is not None else requests[i].cache_namespace)
-            for i in live]
+        sent = [self._sent(requests[i], used[i]) for i in live]
         answers = await self.inner.generate_steps(sent) if sent else []
-        if not self.report_prefill:
-            answers = [[s if s.prefilled_tokens is None else dataclasses.replace(s, prefilled_tokens=None)
-                        for s in steps] for steps in answers]
         out: list[list[Step]] = []
         for r in requests:  # particles already at the cap end with an empty step
             steps = [Step("", finish_reason="eos") for _ in range(r.k)]
             self.capped.extend(steps)
             out.append(steps)
         for i, steps in zip(live, answers):
-            fixed = []
-            stepwise = bool(requests[i].stop)  # a whole solution (stop=()) is finished anyway
-            for step in steps:
-                if stepwise and step.finish_reason == "length" and used[i] + step.tokens >= self.max_tokens:
-                    step = dataclasses.replace(step, finish_reason="eos")  # ends the particle
-                    self.capped.append(step)
-                fixed.append(step)
-            out[i] = fixed
-        if not sent:
-            return out
-        tokens = sum(s.tokens for steps in answers for s in steps)
+            out[i] = [self._received(requests[i], used[i], step) for step in steps]
+        if sent:
+            self._charge(sum(s.tokens for steps in answers for s in steps))
+        return out
+
+    async def _race(self, request: StepRequest) -> RaceOutcome:
+        """The shared policy's race under this request's cap and namespace; charged its
+        ``spent_tokens``. A particle already at the cap ends with an empty step, no race run."""
+        used = sum(s.tokens for s in request.steps)
+        if used >= self.max_tokens:
+            step = Step("", finish_reason="eos")
+            self.capped.append(step)
+            return RaceOutcome(step, 0, 0, 0)
+        outcome = await self.inner.race(self._sent(request, used))
+        self._charge(outcome.spent_tokens)
+        return dataclasses.replace(outcome, winner=self._received(request, used, outcome.winner))
+
+    def _sent(self, request: StepRequest, used: int) -> StepRequest:
+        """``request`` as sent: at most the tokens left under the cap, in this request's cache namespace."""
+        params = dataclasses.replace(request.params, max_step_tokens=min(request.params.max_step_tokens,
+                                                                         self.max_tokens - used))
+        namespace = self.namespace if self.namespace is not None else request.cache_namespace
+        return dataclasses.replace(request, params=params, cache_namespace=namespace)
+
+    def _received(self, request: StepRequest, used: int, step: Step) -> Step:
+        """A step as this request sees it: prefill dropped unless reported, and a step that
+        reaches the cap ends the particle (a whole solution, ``stop=()``, is finished anyway)."""
+        if not self.report_prefill and step.prefilled_tokens is not None:
+            step = dataclasses.replace(step, prefilled_tokens=None)
+        if request.stop and step.finish_reason == "length" and used + step.tokens >= self.max_tokens:
+            step = dataclasses.replace(step, finish_reason="eos")  # ends the particle
+            self.capped.append(step)
+        return step
+
+    def _charge(self, tokens: int) -> None:
+        """One backend call that generated ``tokens``: progress, listeners, the server's counters."""
         self.progress.policy_calls += 1
         self.progress.generated_tokens += tokens
         if self.on_tokens is not None:
             self.on_tokens(tokens)
         self.progress.notify()
-        return out
 
 
 class RequestPRM:

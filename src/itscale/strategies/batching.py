@@ -33,6 +33,12 @@ failure reaches only the tasks whose own requests fail. A task cancelled while w
 (a client gone) is left out of the call.
 
 ``Coalescer.calls`` counts the backend calls made per kind (retries included).
+
+Races (:class:`itscale.protocols.Racer`) are not coalesced: a :class:`BatchedGenerator`
+whose backend has ``race`` passes each race straight to it (a race is one request whose
+samples the backend already decodes together; on a local backend it counts in
+``Coalescer.calls["policy"]``), and one whose backend has none has no ``race`` either,
+so callers fall back to ``generate_steps``.
 """
 
 from __future__ import annotations
@@ -165,9 +171,19 @@ class Coalescer:
 
 
 class Wrapper:
-    """A backend wrapper: ``capabilities`` and ``clear_cache`` are those of ``inner``."""
+    """A backend wrapper: ``capabilities`` and ``clear_cache`` are those of ``inner``.
+
+    A wrapper that can pass races on defines ``_race`` and calls :meth:`_offer_race` once
+    ``inner`` is set: the wrapper then has ``race`` exactly when ``inner`` has it.
+    """
 
     inner: Any
+
+    def _offer_race(self) -> None:
+        """Expose ``race`` (bound to ``_race``) only when ``inner`` races: an optional capability
+        is an instance attribute, so ``isinstance(wrapper, Racer)`` is never claimed falsely."""
+        if hasattr(self.inner, "race"):
+            self.race = self._race
 
     @property
     def capabilities(self) -> Capabilities:
@@ -188,10 +204,18 @@ class BatchedGenerator(Wrapper):
     inner: Any
     coalescer: Coalescer
 
+    def __post_init__(self) -> None:
+        self._offer_race()
+
     async def generate_steps(self, requests):
         if _server_batching(self.inner):
             return await self.inner.generate_steps(requests)
         return await self.coalescer.submit("policy", self.inner.generate_steps, requests, serial=True)
+
+    async def _race(self, request):
+        if not _server_batching(self.inner):  # a call of the local model, counted as coalesced ones are
+            self.coalescer.calls["policy"] = self.coalescer.calls.get("policy", 0) + 1
+        return await self.inner.race(request)
 
 
 @dataclass

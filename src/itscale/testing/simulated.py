@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from statistics import NormalDist
 from typing import Sequence
@@ -57,7 +57,15 @@ from typing import Sequence
 import numpy as np
 
 from ..tasks.answers import answer_key, extract_answer
-from ..types import Capabilities, Problem, ScoreRequest, Step, StepRequest, StepScores
+from ..types import (
+    Capabilities,
+    Problem,
+    RaceOutcome,
+    ScoreRequest,
+    Step,
+    StepRequest,
+    StepScores,
+)
 
 __all__ = ["SimulatedTask", "SimulatedPolicy", "SimulatedPRM", "SimulatedVerifier", "count_tokens"]
 
@@ -343,6 +351,30 @@ class SimulatedPolicy:
         self.requests_log.append(len(requests))
         self.continuations += sum(len(o) for o in out)
         return out
+
+    async def race(self, request: StepRequest) -> RaceOutcome:
+        """The first of ``request.k`` samples to finish (:class:`itscale.protocols.Racer`), as a
+        local model decoding the samples in lock-step would report it.
+
+        The ``k`` samples are drawn exactly as :meth:`generate_steps` draws them (same seed,
+        same steps, failures included), with ``L_j`` their token counts. The winner is the
+        sample that did not fail with the fewest tokens (lowest index on ties), carrying the
+        request's ``prompt_tokens``; ``spent_tokens = n_ok · L_min`` where ``n_ok`` counts the
+        samples that did not fail (each generated ``L_min`` tokens before the race stopped;
+        a failed sample generated nothing), so ``k · L_min`` without failures; ``cancelled``
+        counts the samples with ``L_j > L_min``. If all ``k`` fail, the winner is the first
+        failed step (index 0, nothing spent). Counted as one call of ``k`` continuations.
+        """
+        if request.k < 1:
+            raise ValueError(f"race needs k >= 1 samples to race, got k={request.k}")
+        (steps,) = await self.generate_steps([request])
+        ok = [j for j, step in enumerate(steps) if not step.failed]
+        if not ok:
+            return RaceOutcome(steps[0], 0, 0, 0)
+        index = min(ok, key=lambda j: (steps[j].tokens, j))
+        shortest = steps[index].tokens
+        winner = replace(steps[index], prompt_tokens=steps[0].prompt_tokens)
+        return RaceOutcome(winner, index, len(ok) * shortest, sum(steps[j].tokens > shortest for j in ok))
 
     def _serve(self, request: StepRequest) -> list[Step]:
         task = self.task
