@@ -27,8 +27,9 @@ def test_every_alias_names_a_registered_method():
     assert set(ALIASES.values()) <= set(STRATEGIES)
     assert resolve_method("PF", "x") == "particle_filtering"
     assert resolve_method("best-of-n", "x") == "best_of_n"
+    assert resolve_method("tree-search", "x") == resolve_method("UCT", "x") == "mcts"
     with pytest.raises(ApiError) as err:
-        resolve_method("mcts", "itscale.method")
+        resolve_method("alphazero", "itscale.method")
     assert err.value.param == "itscale.method" and "particle_filtering" in err.value.message
 
 

@@ -40,11 +40,13 @@ def test_every_method_of_design_5_is_registered():
     assert set(STRATEGIES) == {
         "greedy", "self_consistency", "adaptive_self_consistency", "best_of_n", "weighted_best_of_n",
         "beam_search", "dvts", "particle_filtering", "twisted_smc", "particle_gibbs", "parallel_tempering",
+        # issue 18: the search methods of the seed papers
+        "a_star", "early_rejection", "first_finish", "mcts", "entropic_particle_filtering",
     }
 
 
 @pytest.mark.parametrize("name, params, match", [
-    ("nope", {}, "unknown method 'nope'; choose one of: adaptive_self_consistency"),
+    ("nope", {}, "unknown method 'nope'; choose one of: a_star, adaptive_self_consistency"),
     ("particle_filtering", {"temperature": -1.0}, "particle_filtering.temperature"),
     ("particle_filtering", {"temprature": 1.0}, "particle_filtering.temprature"),
     ("particle_filtering", {"resampler": "magic"}, "particle_filtering.resampler.*magic"),

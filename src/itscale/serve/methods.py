@@ -27,6 +27,14 @@ ALIASES: dict[str, str] = {
     "maj": "self_consistency",
     "asc": "adaptive_self_consistency",
     "beam": "beam_search",
+    "uct": "mcts",
+    "tree_search": "mcts",
+    "astar": "a_star",
+    "epf": "entropic_particle_filtering",
+    "entropic_pf": "entropic_particle_filtering",
+    "er": "early_rejection",
+    "ffs": "first_finish",
+    "shortest": "first_finish",
 }
 
 _SUFFIX = re.compile(r"^(?P<method>[A-Za-z][A-Za-z_]*)(?:-(?P<budget>\d+))?$")

@@ -7,7 +7,19 @@ Select a method by name with validated parameters::
     result = pf.solve(problem, budget=16, seed=0)
 """
 
-from . import beam_search, best_of_n, greedy, parallel_tempering, particle_filtering, particle_gibbs, self_consistency
+from . import (
+    a_star,
+    beam_search,
+    best_of_n,
+    early_rejection,
+    first_finish,
+    greedy,
+    mcts,
+    parallel_tempering,
+    particle_filtering,
+    particle_gibbs,
+    self_consistency,
+)
 from .base import STRATEGIES, PooledStrategy, Strategy, make_strategy
 from .context import RunContext, StepFormat
 from .runner import map_batched, problem_seed, run_many
@@ -15,4 +27,5 @@ from .runner import map_batched, problem_seed, run_many
 __all__ = ["STRATEGIES", "PooledStrategy", "RunContext", "StepFormat", "Strategy", "make_strategy", "map_batched",
            "problem_seed", "run_many"]
 
-del beam_search, best_of_n, greedy, parallel_tempering, particle_filtering, particle_gibbs, self_consistency
+del (a_star, beam_search, best_of_n, early_rejection, first_finish, greedy, mcts, parallel_tempering,
+     particle_filtering, particle_gibbs, self_consistency)

@@ -26,7 +26,7 @@ from ..core.records import Proposed
 from ..protocols import Generator, OutcomeScorer, ProcessRewardModel
 from ..rewards.aggregate import aggregate, score_request_steps
 from ..tasks.answers import extract_answer
-from ..types import Cost, Particle, Problem, SamplingParams, ScoreRequest, Step, StepFormat, StepRequest
+from ..types import Cost, Particle, Problem, RaceOutcome, SamplingParams, ScoreRequest, Step, StepFormat, StepRequest
 
 
 @dataclass
@@ -118,6 +118,18 @@ class RunContext:
         request = StepRequest(self.problem, (), n, params, ())
         (outputs,) = await self._generate([request])
         return [None if s.failed else self.particle_from_text(s) for s in outputs]
+
+    async def race(self, n: int) -> tuple[Particle | None, RaceOutcome]:
+        """The first of n whole solutions to finish (``Racer.race``: the rest are stopped),
+        as a finished particle (``None`` if all n failed), with the race's outcome. Every
+        token the race generated is charged, the cancelled samples' included."""
+        params = self._params()
+        params = replace(params, max_step_tokens=params.max_step_tokens * self.format.max_steps)
+        outcome = await self.policy.race(StepRequest(self.problem, (), n, params, ()))
+        self.cost.policy_calls += 1
+        self._count(outcome.winner)
+        self.cost.generated_tokens += outcome.spent_tokens - outcome.winner.tokens
+        return (None if outcome.winner.failed else self.particle_from_text(outcome.winner)), outcome
 
     async def complete(self, particles: Sequence[Particle], temperature: float | None = None) -> list[Particle | None]:
         """Each particle continued to the end of its solution (``stop=()``), its completion split

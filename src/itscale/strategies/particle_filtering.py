@@ -13,6 +13,14 @@ one would ignore how often resampling chose a solution: after the last resamplin
 every copy weighs the same, and a solution that finished early — increment 0 since
 — would lose to any single particle whose last step scored above even.)
 
+Entropic particle filtering (as its_hub has it): particle filtering whose resampling is
+tempered, W^{1/T}, when the weights collapse early in the run
+(:class:`~itscale.core.EntropicAnnealing`: T > 1 only while ESS/N < ``ess_threshold``
+and t/T_max < ``early_phase``), so that more distinct prefixes survive the first PRM
+scores. ``correct=False`` (its_hub's choice) resets the weights after a tempered draw;
+``correct=True`` gives each offspring the importance weight W/W̃, which keeps the
+particle-filtering target and an unbiased Ẑ.
+
 Twisted SMC: ``Twisted(reward, twist=prm, beta)``: the target is p(x)·r(x)^β with
 r the outcome score (outcome scorer if given, else the PRM's final score); the PRM
 only shapes the proposal population. Systematic resampling at ESS < 0.5 and a
@@ -25,7 +33,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from ..core import EveryStep, Twisted, get_resampler, get_schedule, run_smc
+from ..core import RESAMPLERS, EntropicAnnealing, EveryStep, Twisted, get_resampler, get_schedule, run_smc
 from ..types import Particle, Result
 from .base import Aggregation, Params, Selection, Strategy, register
 from .context import RunContext
@@ -53,6 +61,20 @@ class _SMCParams(Params):
 class ParticleFilteringParams(_SMCParams):
     temperature: float = Field(1.0, gt=0, description="softmax temperature T on the log-odds weights")
     link: Literal["odds", "log"] = "odds"
+
+
+class EntropicParams(ParticleFilteringParams):
+    ess_threshold: float = Field(0.5, gt=0, le=1, description="temper only while ESS/N is below this")
+    early_phase: float = Field(0.5, ge=0, le=1, description="temper only while t / max_steps is below this")
+    temperature_method: Literal["ess", "entropy"] = "ess"
+    correct: bool = Field(False, description="importance-correct the tempered draw (keeps the target; its_hub: no)")
+
+    @field_validator("resampler")
+    @classmethod
+    def _unbiased(cls, value: str) -> str:
+        if value not in RESAMPLERS:
+            raise ValueError(f"tempering needs an unbiased resampler, one of {sorted(RESAMPLERS)}")
+        return value
 
 
 class TwistedParams(_SMCParams):
@@ -98,10 +120,15 @@ class _SMCStrategy(Strategy):
     def observation(self, ctx: RunContext):
         raise NotImplementedError
 
+    def options(self) -> dict:
+        """Further core options (:class:`~itscale.core.SMC` fields)."""
+        return {}
+
     async def _run(self, ctx: RunContext, budget: int) -> Result:
         p = self.params
         smc = await run_smc([Particle(ctx.problem)] * budget, ctx.propose, self.observation(ctx), rng=ctx.rng,
-                            max_steps=self.format.max_steps, resampler=p.resampler, schedule=p.schedule)
+                            max_steps=self.format.max_steps, resampler=p.resampler, schedule=p.schedule,
+                            **self.options())
         return _result(self, ctx, budget, smc, p.selection)
 
 
@@ -112,6 +139,17 @@ class ParticleFiltering(_SMCStrategy):
 
     def observation(self, ctx: RunContext):
         return EveryStep(ctx.prm_scores, link=self.params.link, temperature=self.params.temperature)
+
+
+@register
+class EntropicParticleFiltering(ParticleFiltering):
+    name = "entropic_particle_filtering"
+    Params = EntropicParams
+
+    def options(self) -> dict:
+        p = self.params
+        anneal = EntropicAnnealing(self.format.max_steps, p.ess_threshold, p.early_phase, p.temperature_method)
+        return {"tempering": anneal, "correct_tempering": p.correct}
 
 
 @register
