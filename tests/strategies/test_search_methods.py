@@ -217,6 +217,7 @@ def test_entropic_pf_with_no_early_phase_is_particle_filtering(task):
     ("a_star", {"children": 0}, "a_star.children"),
     ("early_rejection", {"keep": 0.0}, "early_rejection.keep"),
     ("early_rejection", {"check_step": 0}, "early_rejection.check_step"),
+    ("early_rejection", {"check_step": 12}, "early_rejection.check_step: 12 steps is not before"),
     ("first_finish", {"width": 3}, "first_finish.width"),
 ])
 def test_bad_parameters_name_the_field(task, name, params, match):

@@ -81,6 +81,12 @@ class EarlyRejection(Strategy):
     Params = EarlyRejectionParams
     needs_prm = True
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.params.check_step >= self.format.max_steps:
+            raise ValueError(f"early_rejection.check_step: {self.params.check_step} steps is not before the format's "
+                             f"last step ({self.format.max_steps}); nothing would be left to reject early")
+
     def survivors(self, budget: int) -> int:
         return max(1, math.ceil(self.params.keep * budget))
 
