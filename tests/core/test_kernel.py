@@ -13,20 +13,13 @@ import pytest
 from itscale.core import SMC, EntropicAnnealing, EveryStep, best_first, drive, run_smc, run_sync
 from itscale.testing import EnumerableModel
 
+from .test_smc_driver import Recorder
+
 Z_LIMIT = 4.0
 
 
 def fk_model(seed: int = 7) -> EnumerableModel:
     return EnumerableModel.random(np.random.default_rng(seed), n_tokens=3, max_steps=3, eos=2, zero_potentials=3)
-
-
-class Recorder:
-    def __init__(self, propose):
-        self.propose, self.batches = propose, []
-
-    def __call__(self, states, rng):
-        self.batches.append(list(states))
-        return self.propose(states, rng)
 
 
 def z_hats(model, runs, n, seed, **options):
