@@ -42,6 +42,8 @@ def test_every_method_of_design_5_is_registered():
         "beam_search", "dvts", "particle_filtering", "twisted_smc", "particle_gibbs", "parallel_tempering",
         # issue 18: the search methods of the seed papers
         "a_star", "early_rejection", "first_finish", "mcts", "entropic_particle_filtering",
+        # issue 19: confidence and consistency
+        "beta_self_consistency",
     }
 
 

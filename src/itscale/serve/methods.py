@@ -26,6 +26,7 @@ ALIASES: dict[str, str] = {
     "majority": "self_consistency",
     "maj": "self_consistency",
     "asc": "adaptive_self_consistency",
+    "bsc": "beta_self_consistency",
     "beam": "beam_search",
     "uct": "mcts",
     "tree_search": "mcts",
