@@ -18,6 +18,7 @@ from . import (
     parallel_tempering,
     particle_filtering,
     particle_gibbs,
+    rpc,
     self_consistency,
 )
 from .base import STRATEGIES, PooledStrategy, Strategy, make_strategy
@@ -28,4 +29,4 @@ __all__ = ["STRATEGIES", "PooledStrategy", "RunContext", "StepFormat", "Strategy
            "problem_seed", "run_many"]
 
 del (a_star, beam_search, best_of_n, early_rejection, first_finish, greedy, mcts, parallel_tempering,
-     particle_filtering, particle_gibbs, self_consistency)
+     particle_filtering, particle_gibbs, rpc, self_consistency)
