@@ -16,7 +16,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 from rich.console import Console
 
-from itscale.bench.metrics import MetricRow
+from itscale.bench.metrics import MetricRow, frontier, token_cost
 from itscale.bench.plots import method_colors, plot_accuracy, plot_all
 from itscale.bench.report import cost_totals, environment_info, write_report
 from itscale.bench.table import (
@@ -180,13 +180,27 @@ def test_method_colors_are_distinct_and_in_first_seen_order(rows):
 def test_plot_all_writes_pngs_showing_every_method_color(rows, tmp_path):
     paths = plot_all(rows, tmp_path / "plots")
     assert paths == {"budget": tmp_path / "plots" / "accuracy_vs_budget.png",
-                     "tokens": tmp_path / "plots" / "accuracy_vs_tokens.png"}
-    for path in paths.values():
+                     "tokens": tmp_path / "plots" / "accuracy_vs_tokens.png",
+                     "frontier": tmp_path / "plots" / "compute_frontier.png"}
+    for key, path in paths.items():
         data = path.read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 20_000
         assert imread(path).shape[:2] == (480, 800)
-        assert missing_colors(path, method_colors(rows)) == []
+        # the frontier plot shows each (method, budget) as one marker, not a line
+        assert missing_colors(path, method_colors(rows), 40 if key == "frontier" else 200) == []
         assert color_pixel_count(path, "#d62728") == 0  # a fourth tab10 color, not a method
+
+
+def test_the_frontier_is_the_best_accuracy_at_each_cost():
+    row = lambda m, b, acc, gen, prm: MetricRow(m, b, 100, acc, acc - 0.05, acc + 0.05, None, gen, prm, None, 1.0)  # noqa: E731
+    rows = [row("a", 1, 0.40, 50, 0), row("a", 4, 0.60, 200, 0), row("b", 2, 0.55, 60, 40),   # b@2 costs 100
+            row("b", 8, 0.58, 300, 100), row("c", 1, 0.40, 40, 0), row("c", 16, 0.80, 900, 100)]
+    front = frontier(rows)
+    assert [(r.method, r.budget) for r in front] == [("c", 1), ("b", 2), ("a", 4), ("c", 16)]
+    # nothing off the frontier beats a frontier row that costs no more
+    for r in rows:
+        reach = max(f.accuracy for f in front if token_cost(f) <= token_cost(r))
+        assert r.accuracy <= reach
 
 
 def test_plot_accuracy_rejects_bad_input(rows, tmp_path):

@@ -9,6 +9,9 @@ Definitions (per method × budget, over the n = problems × seeds graded records
   1 − C(N−c, b)/C(N, b) from N samples with c correct; for step-level methods, whether any
   final candidate is correct.
 * ``generated_tokens``, ``prm_tokens``, ``flops``, ``wall_time``: means per problem.
+
+The compute-optimal frontier (:func:`frontier`) is read off these rows: the best accuracy
+reachable at each token cost, across methods and budgets.
 """
 
 from __future__ import annotations
@@ -67,3 +70,20 @@ def summarize(records, methods: list[str] | None = None) -> list[MetricRow]:
 
 def _index(order: list[str], method: str) -> int:
     return order.index(method) if method in order else len(order)
+
+
+def token_cost(row: MetricRow) -> float:
+    """A row's token cost per problem: tokens the policy generated plus tokens the PRM read."""
+    return row.generated_tokens + row.prm_tokens
+
+
+def frontier(rows) -> list[MetricRow]:
+    """The compute-optimal frontier: the rows, cheapest first, each more accurate than every
+    row that costs no more (:func:`token_cost`) — so the accuracy reachable at cost c is that
+    of the last frontier row with cost ≤ c. Ties in cost keep the more accurate row."""
+    best, out = -1.0, []
+    for row in sorted(rows, key=lambda r: (token_cost(r), -r.accuracy)):
+        if row.accuracy > best:
+            out.append(row)
+            best = row.accuracy
+    return out

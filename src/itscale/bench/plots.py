@@ -1,4 +1,5 @@
-"""PNG plots of the bench's answer: accuracy versus budget and versus generated tokens.
+"""PNG plots of the bench's answer: accuracy versus budget and versus generated tokens, and the
+compute-optimal frontier (the best accuracy reachable at each token cost, any method).
 
 Figures are built as ``matplotlib.figure.Figure`` objects on an Agg canvas, never through
 ``pyplot``: nothing is registered globally, no GUI backend is touched, and nothing leaks
@@ -18,7 +19,7 @@ from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter, NullLocator, PercentFormatter
 
-from itscale.bench.metrics import MetricRow
+from itscale.bench.metrics import MetricRow, frontier, token_cost
 from itscale.bench.table import method_order
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
@@ -101,13 +102,58 @@ def plot_accuracy(rows: Sequence[MetricRow], path: str | Path, x: str = "budget"
     return path
 
 
-def plot_all(rows: Sequence[MetricRow], folder: str | Path) -> dict[str, Path]:
-    """Write ``accuracy_vs_budget.png`` and ``accuracy_vs_tokens.png`` into ``folder``.
+FRONTIER_FILE = "compute_frontier.png"
 
-    Returns ``{"budget": path, "tokens": path}``, the form ``report.write_report`` takes.
+
+def plot_frontier(rows: Sequence[MetricRow], path: str | Path, title: str | None = None) -> Path:
+    """Write a PNG of every (method, budget) as a point at its token cost (generated + PRM
+    tokens per problem, log scale) and accuracy, with the compute-optimal frontier drawn
+    through the points that beat everything cheaper, each labelled ``method@budget``."""
+    if not rows:
+        raise ValueError("no rows to plot")
+    colors = method_colors(rows)
+    figure = Figure(figsize=(8, 4.8), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    priced = [row for row in rows if token_cost(row) > 0]
+    for i, method in enumerate(colors):
+        points = [row for row in priced if row.method == method]
+        if points:
+            axes.scatter([token_cost(r) for r in points], [100 * r.accuracy for r in points], color=colors[method],
+                         marker=MARKERS[i % len(MARKERS)], s=28, label=_plain_label(method))
+    best = frontier(priced)
+    if best:
+        xs = [token_cost(r) for r in best]
+        axes.step(xs + [xs[-1] * 1.5], [100 * r.accuracy for r in best] + [100 * best[-1].accuracy], where="post",
+                  color="black", linewidth=1.5, label="frontier")
+        for r in best:
+            axes.annotate(_plain_label(f"{r.method}@{r.budget}"), (token_cost(r), 100 * r.accuracy), fontsize=7,
+                          xytext=(3, 4), textcoords="offset points")
+        axes.set_xscale("log")
+        _label_log10_axis(axes, min(token_cost(r) for r in priced), max(token_cost(r) for r in priced))
+    axes.yaxis.set_major_formatter(PercentFormatter(100))
+    axes.set_xlabel("tokens per problem: generated + read by the PRM (log scale)")
+    axes.set_ylabel("accuracy")
+    axes.set_title(title or "Compute-optimal frontier: best accuracy at each token cost")
+    axes.grid(True, which="major", alpha=0.3)
+    axes.legend(fontsize="x-small", ncols=2)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    return path
+
+
+def plot_all(rows: Sequence[MetricRow], folder: str | Path) -> dict[str, Path]:
+    """Write ``accuracy_vs_budget.png``, ``accuracy_vs_tokens.png`` and ``compute_frontier.png``
+    into ``folder``.
+
+    Returns ``{"budget": path, "tokens": path, "frontier": path}``, the form
+    ``report.write_report`` takes.
     """
     folder = Path(folder)
-    return {key: plot_accuracy(rows, folder / name, x=x) for key, (x, name) in PLOT_FILES.items()}
+    out = {key: plot_accuracy(rows, folder / name, x=x) for key, (x, name) in PLOT_FILES.items()}
+    out["frontier"] = plot_frontier(rows, folder / FRONTIER_FILE)
+    return out
 
 
 def _label_log10_axis(axes, low: float, high: float) -> None:

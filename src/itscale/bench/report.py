@@ -36,6 +36,8 @@ PACKAGES = ("itscale", "numpy", "torch", "transformers", "matplotlib")
 PLOT_ALT = {
     "budget": "accuracy versus budget, one line per method, 95% interval shaded",
     "tokens": "accuracy versus generated tokens per problem, one line per method, 95% interval shaded",
+    "frontier": "compute-optimal frontier: every method and budget at its token cost, the best accuracy "
+                "reachable at each cost as a step line",
 }
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -108,8 +110,9 @@ def write_report(rows: Sequence[MetricRow], path: str | Path, *, config: dict,
     """Write the HTML report to ``path`` and return it as a ``Path``.
 
     ``plots`` maps a key to a PNG file, as ``plots.plot_all`` returns: key "budget" becomes
-    ``<img id="plot-budget">``, "tokens" ``<img id="plot-tokens">``. ``None`` draws both
-    plots here (when there are rows); ``{}`` leaves the plots out.
+    ``<img id="plot-budget">``, "tokens" ``<img id="plot-tokens">``, "frontier"
+    ``<img id="plot-frontier">``. ``None`` draws the plots here (when there are rows); ``{}``
+    leaves them out.
     """
     rows = sort_rows(rows)
     if plots is None and rows:
