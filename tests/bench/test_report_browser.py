@@ -73,12 +73,12 @@ def test_report_renders_in_chromium(tmp_path):
     report = write_report(rows, tmp_path / "report.html", config={"budgets": [1, 4, 16]},
                           environment={"python": "test"})
 
-    # (a) the DOM after parsing: the table and both images are where the report put them.
+    # (a) the DOM after parsing: the table and the three images are where the report put them.
     dom = parse(run_chromium(chromium, tmp_path / "dom-profile", "--dump-dom", report.as_uri()).stdout)
     assert [(a["data-method"], int(a["data-budget"])) for a, _ in dom.metric_rows] == [
         (r.method, r.budget) for r in sort_rows(rows)]
     assert [cells[0] for _, cells in dom.metric_rows] == [a["data-method"] for a, _ in dom.metric_rows]
-    for key in ("budget", "tokens"):
+    for key in ("budget", "tokens", "frontier"):
         tag, attrs = dom.element(f"plot-{key}")
         assert tag == "img" and attrs["src"].startswith("data:image/png;base64,")
 
@@ -90,7 +90,7 @@ def test_report_renders_in_chromium(tmp_path):
     # method color appears anywhere.
     broken = tmp_path / "broken.html"
     broken.write_text(corrupt_images(report.read_text(encoding="utf-8")), encoding="utf-8")
-    assert broken.read_text(encoding="utf-8").count("********") == 2
+    assert broken.read_text(encoding="utf-8").count("********") == 3
     broken_shot = screenshot(chromium, broken, tmp_path / "broken")
     assert color_pixel_count(broken_shot, "#222222", tolerance=0.1) > 1000, "page did not render"
     assert missing_colors(broken_shot, colors) == list(colors)
