@@ -49,7 +49,8 @@ class Racer(Protocol):
     continuation; which one wins is what the race decides (fewest tokens on a local model
     decoding in lock-step, earliest reply on a server). A sample that fails does not win;
     only when all ``k`` fail is the winner a failed step (``finish_reason="error"``)
-    carrying the error. ``k < 1`` is a ``ValueError``.
+    carrying the error. ``k < 1`` is a ``ValueError``, and so is ``params.stop_below``
+    (:func:`check_raceable`).
 
     Optional: a wrapper exposes ``race`` only when what it wraps has it, so
     ``isinstance(policy, Racer)`` (or ``hasattr(policy, "race")``) tells a caller whether to
@@ -57,6 +58,14 @@ class Racer(Protocol):
     """
 
     async def race(self, request: StepRequest) -> RaceOutcome: ...
+
+
+def check_raceable(request: StepRequest) -> None:
+    """``ValueError`` for a race request with ``params.stop_below``: a sample stopped for low
+    confidence ended without an answer, so it cannot be a race's first to finish."""
+    if request.params.stop_below is not None:
+        raise ValueError("race does not take SamplingParams.stop_below (a sample stopped for low confidence has no "
+                         "answer, it cannot win); use generate_steps")
 
 
 @runtime_checkable

@@ -10,10 +10,13 @@ next request continues it verbatim.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-FINISH_REASONS = ("stop", "eos", "length", "error")
+FINISH_REASONS = ("stop", "eos", "length", "low_confidence", "error")
+#: The most top log-probabilities a request may ask per token (OpenAI's and vLLM's default cap).
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -40,8 +43,23 @@ class Step:
     (prompt tokens sent / actually recomputed, when the backend reports it) are set
     on the first continuation of each request and 0 on its siblings, so summing
     over steps never double-counts a shared prompt. ``finish_reason`` is ``stop``
-    (a stop string), ``eos``, ``length`` (the per-step token limit) or ``error``
-    (the backend failed; ``error`` says why, and the particle dies).
+    (a stop string), ``eos``, ``length`` (the per-step token limit), ``low_confidence``
+    (:attr:`SamplingParams.stop_below` stopped the sample: the group confidence of its last
+    tokens fell below the threshold; the step holds the tokens up to and including the one
+    where that happened, no stop string; the particle is finished but truncated, it has no
+    answer of its own) or ``error`` (the backend failed; ``error`` says why, and the particle
+    dies).
+
+    ``top_logprobs`` (when :attr:`SamplingParams.top_logprobs` ``k > 0``; else ``None``, and
+    ``None`` on an ``error`` step): one tuple per generated token, in order — the token that
+    completed a stop string included, and an end-of-sequence token included wherever the
+    backend counts it in ``tokens`` (all of ours do) — holding the ``k`` largest
+    log-probabilities of the model's next-token distribution at that position, descending.
+    Like ``logprob`` they are of the raw distribution (temperature 1, no nucleus), whatever
+    the sampling settings; so ``len(top_logprobs) == tokens``. (An HTTP server's completions
+    API keys them by token text, so a position may hold fewer than ``k`` when two of its top
+    tokens are the same text; see :mod:`itscale.lm.openai`.)
+    :mod:`itscale.lm.confidence` turns them into DeepConf's confidences.
     """
 
     text: str
@@ -52,6 +70,7 @@ class Step:
     finish_reason: str = "stop"
     error: str | None = None
     carry: str = ""
+    top_logprobs: tuple[tuple[float, ...], ...] | None = None
 
     @property
     def failed(self) -> bool:
@@ -93,13 +112,50 @@ class Particle:
 
 
 @dataclass(frozen=True)
+class ConfidenceStop:
+    """Stop a sample while it is generated once its recent tokens are unconfident (DeepConf
+    online, Fu et al. 2025; :mod:`itscale.lm.confidence`).
+
+    After every generated token ``i`` (once at least ``window`` tokens of the request exist)
+    the group confidence of the last ``window`` tokens,
+
+        C_G = (1/window) Σ_{t=i−window+1..i} C_t,   C_t = −(1/k) Σ_{j=1..k} log P_t(j),
+
+    (``k`` = :attr:`SamplingParams.top_logprobs`) is compared with ``threshold``: when
+    ``C_G < threshold`` the sample stops right after token ``i``, ``finish_reason=
+    "low_confidence"``. A stop string, end-of-sequence or the token limit reached at the same
+    token wins (the sample finished on its own). The window covers the tokens generated for
+    this request only: a step request starts a fresh one (DeepConf generates whole traces,
+    ``stop=()``).
+    """
+
+    window: int
+    threshold: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"ConfidenceStop.window must be an integer >= 1 (tokens), got {self.window!r}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
+                or not math.isfinite(self.threshold):
+            raise ValueError(f"ConfidenceStop.threshold must be a finite number, got {self.threshold!r}")
+
+
+@dataclass(frozen=True)
 class SamplingParams:
-    """Sampling settings sent with every request."""
+    """Sampling settings sent with every request.
+
+    ``top_logprobs``: ``k`` in 0..20; with ``k > 0`` every step carries
+    :attr:`Step.top_logprobs` (the ``k`` largest log-probabilities per token). ``stop_below``:
+    stop a sample early when its confidence drops (:class:`ConfidenceStop`; needs
+    ``top_logprobs > 0``, its confidences are computed from them).
+    """
 
     temperature: float = 0.8
     top_p: float = 1.0
     max_step_tokens: int = 256
     seed: int | None = None
+    top_logprobs: int = 0
+    stop_below: ConfidenceStop | None = None
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -108,14 +164,25 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.max_step_tokens < 1:
             raise ValueError(f"max_step_tokens must be >= 1, got {self.max_step_tokens!r}")
+        k = self.top_logprobs
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"SamplingParams.top_logprobs must be an integer in 0..{MAX_TOP_LOGPROBS} "
+                             f"(0: off), got {k!r}")
+        if self.stop_below is not None:
+            if not isinstance(self.stop_below, ConfidenceStop):
+                raise ValueError(f"SamplingParams.stop_below must be a ConfidenceStop or None, got {self.stop_below!r}")
+            if k == 0:
+                raise ValueError("SamplingParams.stop_below needs SamplingParams.top_logprobs > 0 (its confidences "
+                                 "are computed from the top-k log-probabilities; DeepConf uses 20)")
 
 
 @dataclass(frozen=True)
 class StepFormat:
     """How solutions are cut into steps and when one is finished.
 
-    A particle finishes when its step ended with end-of-sequence, when the step
-    contains an answer marker, or when it reaches ``max_steps`` steps.
+    A particle finishes when its step ended with end-of-sequence or was stopped for low
+    confidence (``finish_reason`` ``eos`` / ``low_confidence``), when the step contains an
+    answer marker, or when it reaches ``max_steps`` steps.
     """
 
     delimiter: str = "\n\n"
@@ -130,7 +197,7 @@ class StepFormat:
 
     def is_final(self, step: Step, n_steps: int) -> bool:
         return (
-            step.finish_reason == "eos"
+            step.finish_reason in ("eos", "low_confidence")
             or any(m in step.text for m in self.answer_markers)
             or n_steps >= self.max_steps
         )
@@ -211,6 +278,8 @@ class Capabilities:
     """What a backend can do, declared up front instead of failing late."""
 
     logprobs: bool = False
+    # Step.top_logprobs for SamplingParams.top_logprobs > 0, and SamplingParams.stop_below honoured
+    top_logprobs: bool = False
     n_per_request: bool = False
     prefix_cache: bool = False
     n_parameters: int | None = None  # for FLOP estimates

@@ -12,6 +12,10 @@ them on one worker). What is checked:
 - races (``OpenAIGenerator.race``): the losers' requests are aborted on the server (its
   ``/metrics``: fewer tokens generated than the samples run to the end, the long ones never
   finish), and an unreachable server gives the error step ``generate_steps`` gives;
+- confidence (DeepConf): ``top_logprobs`` are the raw (temperature-1) top-k and agree with
+  :class:`HFGenerator`'s and with a forward pass at sampled tokens, over the completions and
+  the chat API; ``stop_below`` ends the stream of a sample whose confidence drops, at the
+  token where the rule fires, and the server stops generating it;
 - fault handling through :class:`servers.FaultProxy` (5xx, delays past the client
   timeout, dropped connections: retried; persistent failures: the particles die and
   the run still returns), and ``check()`` failing fast on a bad endpoint or model.
@@ -43,7 +47,8 @@ from itscale.rewards.remote import RemoteTagPRM  # noqa: E402
 from itscale.strategies import make_strategy, run_many  # noqa: E402
 from itscale.testing.contracts import Case, GeneratorContract, PRMContract  # noqa: E402
 from itscale.tasks import arithmetic  # noqa: E402
-from itscale.types import Problem, SamplingParams, ScoreRequest, Step, StepRequest  # noqa: E402
+from itscale.lm import confidence as conf  # noqa: E402
+from itscale.types import ConfidenceStop, Problem, SamplingParams, ScoreRequest, Step, StepRequest  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("vllm")]
 
@@ -163,7 +168,7 @@ class TestContractOfThePolicy(GeneratorContract):
 
     @pytest.fixture
     def contract_case(self, generator):
-        return Case(seeded=getattr(generator, "merge_prompts", None) == 1)
+        return Case(seeded=getattr(generator, "merge_prompts", None) == 1, top_logprobs=3)
 
 
 class TestContractOfThePRM(PRMContract):
@@ -394,6 +399,114 @@ def test_a_race_at_an_unreachable_server_gives_the_error_step():
     assert out.winner.failed and out.winner.error == expected.error
     assert "no HTTP response (after 2 attempts)" in out.winner.error and "is the server running" in out.winner.error
     assert (out.index, out.spent_tokens, out.cancelled) == (0, 0, 0)
+
+
+# -- confidence (DeepConf) ---------------------------------------------------------------------
+
+def max_gap(a, b) -> float:
+    """The largest |difference| between two steps' top log-probabilities, token by token."""
+    assert len(a) == len(b)
+    return max(abs(x - y) for ta, tb in zip(a, b) for x, y in zip(ta, tb, strict=True))
+
+
+def test_top_logprobs_are_raw_and_match_hf_generator(policy_url, hf_policy, request):
+    """vLLM 0.32's default ``--logprobs-mode raw_logprobs``: the top-k of the model's distribution
+    at temperature 1, as HFGenerator reports: greedy steps (the same tokens) agree position by
+    position, and so do the top-k of samples drawn at temperature 2 with a forward pass of the HF
+    model at the tokens the server sampled (processed log-probabilities at T = 2 would be far
+    flatter). The chat API (asked k + 1, see ``itscale.lm.completions``) returns the same."""
+    k = 20
+    greedy_k = SamplingParams(temperature=0.0, max_step_tokens=24, top_logprobs=k)
+    requests = [StepRequest(p, tuple(Step(x) for x in reference(p)[:t]), 1, greedy_k, STOP)
+                for p in PROBLEMS[:3] for t in (0, 2, len(reference(p)) - 1)]
+    remote = generate(policy(policy_url), requests)
+    local = hf_policy.generate_steps_sync(requests)
+    greedy = 0.0
+    for (r,), (h,) in zip(remote, local):
+        assert (r.text, r.tokens, r.finish_reason) == (h.text, h.tokens, h.finish_reason)
+        assert len(r.top_logprobs) == r.tokens and all(len(t) == k for t in r.top_logprobs)
+        greedy = max(greedy, max_gap(r.top_logprobs, h.top_logprobs))
+    # samples at temperature 2 (seeded): the top-k at the server's own tokens, by a forward pass
+    hot = [StepRequest(NUMBERS, (), 1, SamplingParams(temperature=2.0, max_step_tokens=40, seed=s, top_logprobs=5), ())
+           for s in (1, 2)]
+    sampled = 0.0
+    for (r,), req in zip(generate(policy(policy_url, merge_prompts=1), hot), hot):
+        ctx = encode(hf_policy.tokenizer, hf_policy.context_text(req.problem.prompt), add_special_tokens=False)
+        eos = [hf_policy.tokenizer.eos_token_id] if r.finish_reason == "eos" else []
+        ids = ctx + encode(hf_policy.tokenizer, r.text) + eos
+        assert len(ids) - len(ctx) == r.tokens  # character-level: one token per character
+        with torch.no_grad():
+            logp = torch.log_softmax(hf_policy.model(torch.tensor([ids])).logits[0].to(torch.float64), -1)
+        want = [tuple(logp[i - 1].topk(5).values.tolist()) for i in range(len(ctx), len(ids))]
+        sampled = max(sampled, max_gap(r.top_logprobs, want))
+    # the chat API, k + 1 asked: the same top-k as the completions API
+    chat = OpenAIGenerator(EndpointPool(policy_url, backoff_base=0.01), str(POLICY), api="chat")
+    firsts = [requests[0], requests[3]]  # first steps: the server's chat template gives the same context
+    chat_gap = max(max_gap(c.top_logprobs, r.top_logprobs)
+                   for (c,), (r,) in zip(generate(chat, firsts), generate(policy(policy_url), firsts)))
+    assert greedy < 1e-3 and sampled < 1e-3 and chat_gap < 1e-3, (greedy, sampled, chat_gap)
+    request.node.user_properties.append(("itscale_measurement", (
+        "vLLM top_logprobs vs HFGenerator (raw, temperature 1)",
+        f"greedy top-20 max |Δ| {greedy:.1e}; T=2 samples vs a forward pass {sampled:.1e}; chat vs completions "
+        f"{chat_gap:.1e}")))
+
+
+def test_low_confidence_stop_ends_the_request_on_the_server(policy_url, request):
+    """``stop_below`` on k streamed samples of a whole solution: a sample stops with
+    ``low_confidence`` exactly at the first token where the mean confidence of its last ``window``
+    tokens (computed from the samples run to the end, same seeds) falls below the threshold; the
+    others are as they were; and the server saw the stopped requests go: it generated about the
+    tokens the client kept (far fewer than the samples run to the end) and never finished them."""
+    k, seed, window = 6, 0, 8
+    params = SamplingParams(temperature=1.0, max_step_tokens=180, seed=seed, top_logprobs=5)
+    singles = [StepRequest(NUMBERS, (), 1, dataclasses.replace(params, seed=seed + j), ()) for j in range(k)]
+    full = [s for (s,) in generate(policy(policy_url, merge_prompts=1), singles)]
+    assert all(s.error is None and len(s.top_logprobs) == s.tokens for s in full)
+    groups = [conf.group_confidences(conf.token_confidences(s.top_logprobs), window) for s in full]
+
+    def first_stops(t: float) -> list[int | None]:  # by hand: the token count at which each sample stops
+        return [next((window + i for i, g in enumerate(gs) if g < t), None) for gs in groups]
+
+    def early(t: float) -> list[int]:  # the samples it stops 30 tokens or more before their end
+        return [j for j, n in enumerate(first_stops(t)) if n is not None and n <= full[j].tokens - 30]
+
+    # the lowest threshold (1e-3 above some window's mean, no window within 2e-4 of it: float rounding
+    # differs between runs by ~1e-5) at which some samples stop well before their end (the server
+    # goes on for a few tokens before it sees the client go) and the others never stop
+    every = sorted(g for gs in groups for g in gs)
+    threshold = next(t for t in (g + 1e-3 for g in every)
+                     if early(t) and None in first_stops(t) and all(abs(g - t) > 2e-4 for g in every)
+                     and all(n is None or j in early(t) for j, n in enumerate(first_stops(t))))
+    expected, stops = first_stops(threshold), early(threshold)
+    before = server_counters(policy_url)
+    gen = policy(policy_url, merge_prompts=1)
+    stopped_params = dataclasses.replace(params, stop_below=ConfidenceStop(window, threshold))
+
+    async def go():
+        async with gen:  # read the server while the client still runs
+            out = await gen.generate_steps([StepRequest(NUMBERS, (), k, stopped_params, ())])
+            return out[0], await asyncio.to_thread(server_counters, policy_url)
+
+    steps, after = asyncio.run(go())
+    for j, (s, f) in enumerate(zip(steps, full)):
+        if j in stops:
+            assert (s.finish_reason, s.tokens) == ("low_confidence", expected[j]), (j, s, expected[j])
+            assert f.text.startswith(s.text) and len(s.text) == s.tokens == len(s.top_logprobs)
+        else:
+            assert (s.text, s.tokens, s.finish_reason) == (f.text, f.tokens, f.finish_reason)
+    assert gen.http.usage.stopped == len(stops)
+    generated = after["generated"] - before["generated"]
+    finished = after["finished"] - before["finished"]
+    kept = sum(s.tokens for s in steps)
+    assert finished == k - len(stops), (expected, [f.tokens for f in full], generated, kept)  # the stopped were aborted
+    # the server may have generated a few more tokens per stopped sample before it saw the client go
+    assert kept <= generated <= kept + 24 * len(stops)
+    assert generated < sum(f.tokens for f in full) - 20
+    request.node.user_properties.append(("itscale_measurement", (
+        "vLLM low-confidence stop (embedded policy, 6 whole solutions, window 8)",
+        f"{len(stops)} stopped at tokens {[expected[j] for j in stops]} of {[full[j].tokens for j in stops]}; "
+        f"the server generated {generated:.0f} tokens, the client kept {kept}, {sum(f.tokens for f in full)} "
+        f"run to the end")))
 
 
 # -- faults -----------------------------------------------------------------------------------

@@ -45,8 +45,10 @@ def test_greedy_and_logprobs():
     assert sample_tokens(LOGITS, t, t + 1, t + 0.99).item() == 1
     tied = torch.tensor([[1.0, 3.0, 3.0]])
     assert sample_tokens(tied, t, t + 1, t).item() == 1  # first of the maxima
-    lp = token_logprobs(LOGITS, torch.tensor([3]))
-    assert abs(lp.item() - torch.log_softmax(LOGITS[0].double(), -1)[3].item()) < 1e-12
+    lp, top = token_logprobs(LOGITS, torch.tensor([3]))
+    assert top is None and abs(lp.item() - torch.log_softmax(LOGITS[0].double(), -1)[3].item()) < 1e-12
+    _, top = token_logprobs(LOGITS, torch.tensor([3]), top=2)  # the 2 largest, descending
+    assert top.tolist() == [sorted(torch.log_softmax(LOGITS[0].double(), -1).tolist(), reverse=True)[:2]]
 
 
 def test_uniform_rows_are_per_continuation():

@@ -48,7 +48,7 @@ def simulated_case(task):
         return tuple(s + "\n\n" for s in steps[:-1]) + tuple(steps[-1:])
 
     return Case(problem=problem, other=other, delimiter="\n\n", steps=solution(problem), other_steps=solution(other),
-                max_step_tokens=64, seeded=True)
+                max_step_tokens=64, seeded=True, top_logprobs=3)
 
 
 class TestSimulatedPolicy(GeneratorContract):
@@ -95,7 +95,7 @@ class TestHFGenerator(GeneratorContract):
 
     @pytest.fixture
     def contract_case(self):
-        return Case(seeded=True)
+        return Case(seeded=True, top_logprobs=3)
 
 
 class TestHFTagPRM(PRMContract):
@@ -128,8 +128,9 @@ def _unit(*parts) -> float:
 class FakeOpenAI:
     """An OpenAI-compatible server in process: ``/models``, ``/completions`` (text from a
     hash of the prompt, the seed and the position, one character per token; stop strings,
-    ``max_tokens``, end of sequence, ``n``, prompt lists, the prompt's next-token top
-    log-probabilities for a PRM) and vLLM's ``/pooling`` (a two-label row per token)."""
+    ``max_tokens``, end of sequence, ``n``, prompt lists, ``logprobs: k`` top log-probabilities
+    per token, ``stream``, the prompt's next-token top log-probabilities for a PRM) and vLLM's
+    ``/pooling`` (a two-label row per token)."""
 
     def __init__(self, model="fake"):
         self.model, self.requests = model, 0
@@ -153,6 +154,9 @@ class FakeOpenAI:
                 choices.append({"index": len(choices), **self._complete(p, body, j)})
         usage = {"prompt_tokens": sum(len(p) for p in prompts),
                  "completion_tokens": sum(len(c["logprobs"]["tokens"]) for c in choices)}
+        if body.get("stream"):  # one event per token, then the usage
+            return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                                  content=b"".join(_sse(e) for e in _events(choices, usage)) + b"data: [DONE]\n\n")
         return httpx.Response(200, json={"choices": choices, "usage": usage})
 
     def _complete(self, prompt: str, body: dict, j: int) -> dict:
@@ -175,9 +179,34 @@ class FakeOpenAI:
             if hit:
                 finish, reason = "stop", hit[0]
                 break
+        k = body.get("logprobs", 1)
         return {"text": text, "finish_reason": finish, "stop_reason": reason,
                 "logprobs": {"tokens": tokens, "token_logprobs": [-0.7] * len(tokens),
-                             "top_logprobs": [{tok: -0.7} for tok in tokens]}}
+                             "top_logprobs": [_fake_top(tok, k) for tok in tokens]}}
+
+
+def _fake_top(token: str, k: int) -> dict:
+    """The sampled token at -0.7 and ``k - 1`` other characters below it (vLLM sends k + 1 when
+    the sampled token is not among the top k; here it always is)."""
+    others = [c for c in ALPHABET if c != token][: k - 1]
+    return {token: -0.7, **{c: -1.0 - 0.25 * i for i, c in enumerate(others)}}
+
+
+def _events(choices: list, usage: dict):
+    for c in choices:
+        lp = c["logprobs"]
+        n = len(lp["tokens"])
+        for t in range(n):
+            last = t == n - 1
+            yield {"choices": [{"index": c["index"], "text": lp["tokens"][t],
+                                "finish_reason": c["finish_reason"] if last else None,
+                                "stop_reason": c["stop_reason"] if last else None,
+                                "logprobs": {key: lp[key][t:t + 1] for key in lp}}]}
+    yield {"choices": [], "usage": usage}
+
+
+def _sse(event: dict) -> bytes:
+    return f"data: {json.dumps(event)}\n\n".encode()
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +241,7 @@ class TestOpenAIGenerator(GeneratorContract):
 
     @pytest.fixture
     def contract_case(self, openai_generator):
-        return Case(seeded=openai_generator.merge_prompts == 1)
+        return Case(seeded=openai_generator.merge_prompts == 1, top_logprobs=3)
 
 
 class TestLookahead(GeneratorContract):
@@ -221,6 +250,10 @@ class TestLookahead(GeneratorContract):
         from itscale.lm import Lookahead, OpenAIGenerator
 
         return Lookahead(OpenAIGenerator(_pool(FakeOpenAI()), "fake", tokenizer=zoo_tokenizer), 8)
+
+    @pytest.fixture
+    def contract_case(self):
+        return Case(top_logprobs=3)
 
 
 class TestRemoteTagPRM(PRMContract):
@@ -248,6 +281,8 @@ class _Broken:
         self.calls = 0
 
     async def generate_steps(self, requests):
+        if self.how == "ignores-stop-below":
+            requests = [replace(r, params=replace(r.params, stop_below=None)) for r in requests]
         out = await self.inner.generate_steps(requests)
         self.calls += 1
         if self.how == "order":
@@ -258,6 +293,13 @@ class _Broken:
             return [[replace(s, text=s.text + "1") if s.finish_reason == "stop" else s for s in steps] for steps in out]
         if self.how == "unseeded":
             return [[replace(s, text=f"{self.calls}{s.text}") for s in steps] for steps in out]
+        if self.how == "top-ascending":
+            return [[replace(s, top_logprobs=s.top_logprobs and tuple(t[::-1] for t in s.top_logprobs))
+                     for s in steps] for steps in out]
+        if self.how == "top-one-short":  # the last token's tuple missing
+            return [[replace(s, top_logprobs=s.top_logprobs and s.top_logprobs[:-1]) for s in steps] for steps in out]
+        if self.how == "ignores-stop-below":
+            return out
         raise AssertionError(self.how)
 
     async def score_steps(self, requests):
@@ -271,7 +313,8 @@ class _Broken:
         raise AssertionError(self.how)
 
 
-@pytest.mark.parametrize("how", ["order", "k", "past-stop", "unseeded"])
+@pytest.mark.parametrize("how", ["order", "k", "past-stop", "unseeded", "top-ascending", "top-one-short",
+                                 "ignores-stop-below"])
 def test_the_generator_suite_rejects_a_broken_generator(task, simulated_case, how):
     with pytest.raises(AssertionError):
         _run(check_generator(_Broken(task.policy(), how), simulated_case))
@@ -295,9 +338,17 @@ def test_a_step_record_is_checked_field_by_field():
                 Step("3\n4", 3, finish_reason="eos"),  # a stop string inside an 'eos' step
                 Step("x", 1, finish_reason="error", error="boom"),  # an error step with text
                 Step("x", 1, logprob=0.5, finish_reason="eos"),  # a positive log-probability
-                Step("x", 1, finish_reason="done")):
+                Step("x", 1, finish_reason="done"),
+                Step("x", 1, finish_reason="eos", top_logprobs=((-0.1,),)),  # top_logprobs not asked for
+                Step("x", 1, finish_reason="low_confidence")):  # low_confidence without stop_below
         with pytest.raises(AssertionError):
             _check_step(bad, request, "bad")
+    asked = replace(request, params=SamplingParams(max_step_tokens=12, top_logprobs=2))
+    _check_step(Step("3+", 2, finish_reason="length", top_logprobs=((-0.1, -2.0), (-0.5, -0.9))), asked, "ok")
+    for top in (None, ((-0.1, -2.0),), ((-0.1, -2.0), (-0.9, -0.5)), ((-0.1, -2.0), (-0.1, -2.0, -3.0)),
+                ((-0.1, -2.0), (0.5, -0.9)), ((-0.1, -2.0), (-math.inf, -math.inf))):
+        with pytest.raises(AssertionError):  # missing, one short, ascending, more than k, positive, infinite
+            _check_step(Step("3+", 2, finish_reason="length", top_logprobs=top), asked, "bad")
 
 
 class TestCallablePRM(PRMContract):

@@ -383,3 +383,103 @@ def test_top_p_keeps_the_nucleus(task):
     kids = sorted(task.children(p, ()), key=lambda c: -c[1])
     out = generate(task.policy(), p, k=300, seed=8, top_p=kids[0][1] * 0.99)
     assert {s.text for s in out} == {kids[0][0]} and all(s.logprob == 0.0 for s in out)
+
+
+# -- confidence: top_logprobs and stop_below ---------------------------------------------------
+def _confidence_request(problem, prefix=(), k=4, seed=0, stop=None, whole=False, temperature=1.0, n=1):
+    from itscale.types import ConfidenceStop, Step
+
+    params = SamplingParams(temperature=temperature, seed=seed, top_logprobs=k,
+                            stop_below=None if stop is None else ConfidenceStop(*stop))
+    return StepRequest(problem, tuple(Step(t) for t in prefix), n, params, () if whole else ("\n\n",))
+
+
+def test_simulated_top_logprobs_follow_the_step_probability(task):
+    """Each word of a sampled step gets the top-k of P(j) = r(1-r)^{j-1}, r = clip(p, 0.1, 0.99), p the
+    step's raw probability (whatever the temperature); with k = 20 a less probable step has less
+    confident words."""
+    from itscale.lm.confidence import token_confidence
+    from itscale.testing.simulated import simulated_top_logprobs
+
+    policy, problem = task.policy(), task.problems[0]
+    children = {text: p for text, p, _ in task.children(problem, ())}
+    (steps,) = run(policy.generate_steps([_confidence_request(problem, k=4, n=12, temperature=2.0)]))
+    seen = set()
+    for step in steps:
+        p, words = children[step.text], count_tokens(step.text)
+        r = min(max(p, 0.1), 0.99)
+        want = tuple(math.log(r) + j * math.log(1 - r) for j in range(4))
+        assert step.top_logprobs == (want,) * words and step.tokens == words
+        assert want == pytest.approx(simulated_top_logprobs(p, 4))
+        assert sum(math.exp(v) for v in want) < 1 and list(want) == sorted(want, reverse=True)
+        seen.add(step.text)
+    assert len(seen) >= 2
+    # k = 20 (DeepConf's): the confidence rises with the step's probability
+    by_p = sorted(children.items(), key=lambda kv: kv[1])
+    confs = [token_confidence(simulated_top_logprobs(p, 20)) for _, p in by_p]
+    assert confs == sorted(confs) and confs[0] < confs[-1]
+    # whole solutions: one tuple per word across the steps; no top_logprobs unless asked
+    (whole,) = run(policy.generate_steps([_confidence_request(problem, whole=True)]))
+    assert len(whole[0].top_logprobs) == whole[0].tokens == count_tokens(whole[0].text)
+    assert generate(policy, problem)[0].top_logprobs is None
+
+
+def test_simulated_stop_below_cuts_at_the_first_word_below(task):
+    from itscale.lm.confidence import token_confidences
+
+    policy, problem = task.policy(), task.problems[2]
+    window = 3
+    (full,) = run(policy.generate_steps([_confidence_request(problem, k=20, n=16, whole=True, seed=5)]))
+    lows = [min(sum(c[i - window:i]) / window for i in range(window, len(c) + 1))
+            for c in (token_confidences(s.top_logprobs) for s in full)]
+    threshold = sorted(lows)[len(lows) // 2] + 1e-9  # about half the samples dip below it
+    (cut,) = run(policy.generate_steps([_confidence_request(problem, k=20, n=16, whole=True, seed=5,
+                                                            stop=(window, threshold))]))
+    stopped = 0
+    for f, s in zip(full, cut):
+        c = token_confidences(f.top_logprobs)
+        n = next((i for i in range(window, len(c) + 1) if sum(c[i - window:i]) / window < threshold), None)
+        if n is None or n == len(c):  # never below, or only at the last word (which ends it anyway)
+            assert (s.text, s.tokens, s.finish_reason, s.logprob) == (f.text, f.tokens, f.finish_reason, f.logprob)
+            continue
+        stopped += 1
+        assert s.finish_reason == "low_confidence" and s.tokens == n == len(s.top_logprobs)
+        assert s.top_logprobs == f.top_logprobs[:n]
+        assert f.text.startswith(s.text) and count_tokens(s.text) == n and not s.text[-1].isspace()
+        assert s.logprob >= f.logprob  # the kept words' share of the steps' log q (<= 0 each)
+    assert 0 < stopped < len(full)
+    fmt = __import__("itscale.types", fromlist=["StepFormat"]).StepFormat()
+    assert fmt.is_final(next(s for s in cut if s.finish_reason == "low_confidence"), 1)  # the particle is finished
+
+
+def test_simulated_race_refuses_stop_below_and_keeps_top_logprobs(task):
+    policy, problem = task.policy(), task.problems[0]
+    with pytest.raises(ValueError, match="stop_below"):
+        run(policy.race(_confidence_request(problem, n=3, stop=(2, 1.0))))
+    out = run(policy.race(_confidence_request(problem, n=3)))
+    assert len(out.winner.top_logprobs) == out.winner.tokens
+
+
+def test_wrappers_pass_top_logprobs_and_stop_below_through(task):
+    """BatchedGenerator, Timed and the server's RequestPolicy give the steps the wrapped policy gives
+    (top_logprobs, a low-confidence stop), and a low-confidence step ends the server's solution as cut."""
+    from itscale.bench.backends import Timed
+    from itscale.serve.engine import Progress, RequestPolicy
+    from itscale.strategies.batching import BatchedGenerator, Coalescer
+
+    problem = task.problems[2]
+    requests = [_confidence_request(problem, k=20, n=8, whole=True, seed=5, stop=(3, 8.0)),
+                _confidence_request(problem, k=2, n=3, seed=1)]
+    (direct, steps) = run(task.policy().generate_steps(requests))
+    assert any(s.finish_reason == "low_confidence" for s in direct) and steps[0].top_logprobs
+    coalescer = Coalescer()
+
+    async def batched():
+        async with coalescer.member():
+            return await BatchedGenerator(task.policy(), coalescer).generate_steps(requests)
+
+    server = RequestPolicy(task.policy(), max_tokens=10_000, progress=Progress())
+    for wrapped in (run(batched()), run(Timed(task.policy()).generate_steps(requests)),
+                    run(server.generate_steps(requests))):
+        assert wrapped == [direct, steps]
+    assert server.cut(next(s for s in direct if s.finish_reason == "low_confidence"))

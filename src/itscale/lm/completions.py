@@ -39,6 +39,9 @@ server continues the exact text ``c = chat_prompt(problem) + prefix``::
 
 ``top_p`` and ``n`` are left out where a caller does not set them (a PRM's one-token
 scoring request), as is ``include_stop_str_in_output`` with ``keep_stop_strings=False``.
+``logprobs`` is ``max(Sampling.logprobs, Sampling.top_logprobs)``: vLLM (and the OpenAI
+completions API) then returns, per generated token, the ``logprobs`` most likely tokens
+plus the sampled one.
 
 Read back (:func:`parse_reply`): ``choices[i].text``, ``.finish_reason``,
 ``.stop_reason`` (vLLM), ``.logprobs.tokens`` / ``.token_logprobs`` /
@@ -54,8 +57,19 @@ continues the assistant turn (these two are sent even with ``extensions=False``:
 without them the server would start a new turn). The server applies its own
 template, so an *exact* continuation of partial steps then depends on the server
 (vLLM: yes; hosted APIs mostly lack the option, and those requests fail with the
-server's error). Read back: ``choices[i].message.content`` and
-``.logprobs.content[j].logprob``.
+server's error). With ``Sampling.top_logprobs = k > 0`` the body also asks
+``top_logprobs: min(k + 1, 20)``: vLLM 0.32's chat API lists the sampled token first, then the
+most likely ones, ``top_logprobs`` entries in all, so one more than ``k`` always holds the
+``k`` most likely (at ``k = 20``, OpenAI's cap, the 20th may be missing and the sampled
+token's value stand in its place). Read back: ``choices[i].message.content``,
+``.logprobs.content[j].logprob`` and ``.logprobs.content[j].top_logprobs``.
+
+Either API's top log-probabilities are read into :attr:`Choice.top_values` (per position,
+every value returned, descending; :func:`top_values`). What they are of: vLLM's default
+``--logprobs-mode raw_logprobs`` (0.32) computes them from the model's logits before any
+processing (temperature, top-p, penalties): the raw distribution at temperature 1 that
+:class:`~itscale.lm.hf.HFGenerator` reports too. A server started with
+``--logprobs-mode processed_logprobs`` would report the sampling distribution instead.
 
 **Streamed (a policy's races).** The same bodies with ``"stream": true`` and
 ``"stream_options": {"include_usage": true}``, posted with
@@ -133,13 +147,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
+from ..types import MAX_TOP_LOGPROBS
 from .http import BackendError, EndpointPool, Reply
 from .loading import TOKENIZER_FILES, ChatPrompts, ModelLoadError, encode, load_tokenizer
 
 __all__ = [
     "VLLM_EXTENSIONS", "Choice", "Completion", "CompletionsClient", "Sampling", "cache_salt", "finish_of",
     "make_pool", "named_context_length", "parse_reply", "resolve_tokenizer", "split_evenly", "streamed_tokens",
-    "unexpected_shape",
+    "top_values", "unexpected_shape",
 ]
 
 #: vLLM request fields beyond the OpenAI API that this module may send.
@@ -237,8 +252,9 @@ class Choice:
     end-of-sequence) and ``stop_reported`` whether the server sent the field at all.
     ``tokens`` / ``token_logprobs`` are the returned token strings and their
     log-probabilities, aligned (``None`` entries where the server gave none);
-    ``top_logprobs`` one ``{token: log-probability}`` per position. Each is ``None``
-    when the reply lacks it."""
+    ``top_logprobs`` one ``{token: log-probability}`` per position, and ``top_values`` the
+    log-probabilities the server returned at each position, descending (:func:`top_values`;
+    not collapsed by token text). Each is ``None`` when the reply lacks it."""
 
     text: str
     finish_reason: str | None
@@ -247,6 +263,7 @@ class Choice:
     tokens: tuple[str, ...] | None = None
     token_logprobs: tuple[float | None, ...] | None = None
     top_logprobs: tuple[Mapping[str, float] | None, ...] | None = None
+    top_values: tuple[tuple[float, ...] | None, ...] | None = None
 
     @property
     def logprobs(self) -> list[float] | None:
@@ -267,6 +284,24 @@ class Completion:
     cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens
 
 
+def top_values(choice: Mapping[str, Any]) -> list[tuple[float, ...] | None] | None:
+    """The top log-probabilities of each generated position of one returned (or streamed)
+    choice, descending: completions' ``logprobs.top_logprobs[j]`` values (a ``{token text:
+    log-probability}`` map: two top tokens of the same text leave one value) or chat's
+    ``logprobs.content[j].top_logprobs[*].logprob`` (a list); ``None`` for a position without
+    them, and for a choice without log-probabilities."""
+    lp = choice.get("logprobs")
+    if not isinstance(lp, Mapping):
+        return None
+    if lp.get("token_logprobs") is None and lp.get("content") is not None:  # chat
+        rows = [[t["logprob"] for t in item.get("top_logprobs") or ()] or None for item in lp["content"]]
+    elif lp.get("top_logprobs") is not None:  # completions
+        rows = [None if top is None else list(top.values()) for top in lp["top_logprobs"]]
+    else:
+        return None
+    return [None if row is None else tuple(sorted((float(v) for v in row), reverse=True)) for row in rows]
+
+
 def _choice(raw: Mapping[str, Any], api: str) -> Choice:
     text = raw["text"] if api == "completions" else raw["message"]["content"]
     tokens = token_lps = top = None
@@ -284,8 +319,9 @@ def _choice(raw: Mapping[str, Any], api: str) -> Choice:
                 tokens = tuple(str(t) for t in lp["tokens"])
             if lp.get("top_logprobs") is not None:
                 top = tuple(lp["top_logprobs"])
+    values = top_values(raw)
     return Choice(text or "", raw.get("finish_reason"), raw.get("stop_reason"), "stop_reason" in raw,
-                  tokens, token_lps, top)
+                  tokens, token_lps, top, None if values is None else tuple(values))
 
 
 def parse_reply(reply: Reply, api: str = "completions", expected: int | None = None) -> Completion:
@@ -337,7 +373,9 @@ def finish_of(choice: Choice, stops: Sequence[str],
 class Sampling:
     """The sampling fields of one request body. ``top_p`` / ``n`` / ``seed``: left out when
     ``None``; ``stop``: left out when empty; ``logprobs``: the top-k asked per position
-    (completions; chat asks ``true``); ``keep_stop_strings``: send vLLM's
+    (completions; chat asks ``true``); ``top_logprobs``: the top-k log-probabilities a caller
+    wants per generated token (0: none; completions ask ``max(logprobs, top_logprobs)``, chat
+    ``top_logprobs: min(k + 1, 20)``, see "The HTTP contract"); ``keep_stop_strings``: send vLLM's
     ``include_stop_str_in_output`` (with extensions on); ``cache_namespace``: send vLLM's
     ``cache_salt`` for it (with extensions on; see "Cache namespaces")."""
 
@@ -348,6 +386,7 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int = 1
+    top_logprobs: int = 0
     keep_stop_strings: bool = True
     cache_namespace: str | None = None
 
@@ -440,7 +479,7 @@ class CompletionsClient:
         """A ``/completions`` body for the context text(s) ``prompt`` (see "The HTTP contract")."""
         body = self._sampling_fields(sampling)
         body["prompt"] = prompt
-        body["logprobs"] = sampling.logprobs
+        body["logprobs"] = max(sampling.logprobs, sampling.top_logprobs)
         if self.extensions:
             if sampling.keep_stop_strings:
                 body["include_stop_str_in_output"] = True
@@ -455,6 +494,8 @@ class CompletionsClient:
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         messages.append({"role": "user", "content": prompt})
         body["logprobs"] = True
+        if sampling.top_logprobs > 0:  # vLLM lists the sampled token first: one more holds the top k
+            body["top_logprobs"] = min(sampling.top_logprobs + 1, MAX_TOP_LOGPROBS)
         if prefix:
             messages.append({"role": "assistant", "content": prefix})
             body["continue_final_message"], body["add_generation_prompt"] = True, False

@@ -29,6 +29,19 @@ raw distribution (temperature 1, no nucleus), in float64. Sampling is described 
 :mod:`itscale.lm.sampling`: continuation ``j`` of a request with seed ``s`` uses only
 its own row of uniforms, so results do not depend on batch composition.
 
+Confidence
+----------
+With ``params.top_logprobs = k > 0``, ``Step.top_logprobs[j]`` is the ``k`` largest values of
+``log softmax(z_j)`` (the same raw distribution, float64, descending) at the position that
+sampled token ``j``: one tuple per counted token, the token that completed a stop string and
+an end-of-sequence token included. With ``params.stop_below`` (window ``n``, threshold
+``s``) each row checks, after each of its tokens that did not end it otherwise (stop string,
+end-of-sequence, token limit), ``(1/n) Σ_{last n tokens} C_t < s`` with
+``C_t = −mean(top_logprobs[t])`` (:class:`itscale.lm.confidence.WindowCheck`, once ``n``
+tokens exist); when it holds, that row finishes there with ``finish_reason="low_confidence"``
+(its text flushed as for ``length``) and the other rows decode on, token for token as
+without it. :meth:`HFGenerator.race` does not take ``stop_below``.
+
 Racing
 ------
 :meth:`HFGenerator.race` decodes a request's ``k`` rows as above and stops the whole
@@ -90,7 +103,9 @@ from typing import Any, Sequence
 
 import torch
 
+from ..protocols import check_raceable
 from ..types import Capabilities, RaceOutcome, SamplingParams, Step, StepRequest
+from .confidence import WindowCheck, token_confidence
 from .detok import Detokenizer, find_stop
 from .hf_cache import accepts, buffered_cache, cache_kwarg, cache_states, check_full_attention, tokens_for_bytes
 from .kv_cache import KVNode, KVStore, new_root
@@ -160,6 +175,15 @@ class _Row:
     ids: list[int] = field(default_factory=list)  # generated ids (without an EOS)
     head: str = ""  # the previous step's carry: the text this continuation begins with
     carry: str = ""  # what the last token produced past the stop string
+    top: list[tuple[float, ...]] | None = None  # per token, the top-k log-probabilities (k > 0)
+    watch: WindowCheck | None = None  # params.stop_below's rule for this row
+
+    def __post_init__(self) -> None:
+        if self.params.top_logprobs:
+            self.top = []
+        stop = self.params.stop_below
+        if stop is not None:
+            self.watch = WindowCheck(stop.window, stop.threshold)
 
 
 class HFGenerator:
@@ -207,7 +231,8 @@ class HFGenerator:
         self._cache_kw = cache_kwarg(model)
         self._logits_to_keep = accepts(model, "logits_to_keep")
         self.capabilities = Capabilities(
-            logprobs=True, n_per_request=True, prefix_cache=self.reuse_cache, n_parameters=count_parameters(model)
+            logprobs=True, top_logprobs=True, n_per_request=True, prefix_cache=self.reuse_cache,
+            n_parameters=count_parameters(model),
         )
         self.store = KVStore(cache_tokens if cache_tokens is not None else tokens_for_bytes(model, _CACHE_BYTES))
         self.stats = GeneratorStats()
@@ -264,6 +289,7 @@ class HFGenerator:
         """The same as :meth:`race`, blocking."""
         if request.k < 1:
             raise ValueError(f"race needs k >= 1 samples to race, got k={request.k}")
+        check_raceable(request)
         with self._lock, torch.inference_mode():
             return self._race(request)
 
@@ -353,7 +379,7 @@ class HFGenerator:
         self.stats.prompt_tokens += prompt
         self.stats.prefilled_tokens += prefilled
         return Step(row.text or "", row.n_tokens, prompt, prefilled, row.logprob, row.finish or "length",
-                    carry=row.carry)
+                    carry=row.carry, top_logprobs=None if row.top is None else tuple(row.top))
 
     # -- contexts: lookup and prefill ----------------------------------------------
     def _prepare(self, texts: Sequence[str], namespaces: Sequence[str | None]) -> list[_Context]:
@@ -446,6 +472,7 @@ class HFGenerator:
         logits = torch.stack([n.logits for n in nodes]).index_select(0, index)
         temperature = torch.tensor([row.params.temperature for row in rows], dtype=torch.float64)
         top_p = torch.tensor([row.params.top_p for row in rows], dtype=torch.float64)
+        top_k = max(row.params.top_logprobs for row in rows)  # the top log-probabilities any row asks
         width = max(row.uniforms.numel() for row in rows)
         uniforms = torch.zeros((len(rows), width), dtype=torch.float64)
         for b, row in enumerate(rows):
@@ -457,12 +484,13 @@ class HFGenerator:
         t = 0
         while live:
             tokens = sample_tokens(logits, temperature, top_p, uniforms[:, t]).tolist()
-            lps = token_logprobs(logits, torch.tensor(tokens, device=logits.device)).tolist()
+            lps, tops = token_logprobs(logits, torch.tensor(tokens, device=logits.device), top_k)
+            lps, tops = lps.tolist(), None if tops is None else tops.tolist()
             finals = set()  # rows whose last token must be run once more to store the step
             before = len(live)
             for b in sorted(live):
                 row = batch[b]
-                if not self._advance(row, tokens[b], lps[b]):
+                if not self._advance(row, tokens[b], lps[b], None if tops is None else tops[b]):
                     continue
                 live.discard(b)
                 if row.store_kept > row.fed:
@@ -496,10 +524,15 @@ class HFGenerator:
                 self._store(batch[b], cache, b, P, logits[b])
             t += 1
 
-    def _advance(self, row: _Row, token: int, logprob: float) -> bool:
-        """Take one sampled token; True when the row has finished."""
+    def _advance(self, row: _Row, token: int, logprob: float, top: list[float] | None) -> bool:
+        """Take one sampled token (``top``: the position's largest log-probabilities, when asked);
+        True when the row has finished."""
         row.n_tokens += 1
         row.logprob += logprob
+        confident = True
+        if row.top is not None:
+            row.top.append(tuple(top[: row.params.top_logprobs]))
+            confident = row.watch is None or not row.watch.push(token_confidence(row.top[-1]))
         detok = row.detok
         head = row.head
         if token in self.eos_ids:
@@ -515,9 +548,9 @@ class HFGenerator:
             row.text, row.finish = (head + detok.text)[:stop_end], "stop"
             if detok.kept_tokens(len(detok.text)) == len(row.ids):  # every token decoded whole: carry the rest
                 row.carry = (head + detok.text)[stop_end:]
-        elif row.n_tokens >= row.limit:
+        elif row.n_tokens >= row.limit or not confident:
             detok.flush()
-            row.text, row.finish = head + detok.text, "length"
+            row.text, row.finish = head + detok.text, "length" if row.n_tokens >= row.limit else "low_confidence"
         else:
             return False
         if self.reuse_cache:  # with a carry, the whole last token (its text goes on in the next step)

@@ -32,7 +32,10 @@ OpenAI HTTP API (vLLM, llama.cpp's server, hosted APIs):
   load balancing and errors are those of :meth:`~EndpointPool.post` (an error event, or a
   connection dropped half-way, fails the attempt like an error status or a dropped
   connection). Cancelling the awaiting task closes the connection (the server sees the
-  client go; vLLM then aborts the request) and counts in ``usage.cancelled``.
+  client go; vLLM then aborts the request) and counts in ``usage.cancelled``. A caller may
+  also end a stream itself (``until``: a predicate over the events that returns True): the
+  connection is closed the same way, the reply is the events read so far, and it counts in
+  ``usage.stopped``.
 
 The pool's ``httpx.AsyncClient`` belongs to the event loop it was first used in; if
 a later call runs in a different loop (e.g. successive ``asyncio.run`` calls), a
@@ -101,6 +104,7 @@ class Usage:
     requests: int = 0  # successful responses
     failures: int = 0  # requests that raised BackendError
     cancelled: int = 0  # streamed requests whose caller cancelled them (their usage is unknown)
+    stopped: int = 0  # streamed requests the caller's ``until`` ended early (their usage is unknown)
     retries: int = 0  # extra attempts
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -314,13 +318,19 @@ class EndpointPool:
         return await self._attempts(path, once)
 
     async def post_stream(self, path: str, body: Mapping[str, Any],
-                          on_event: Callable[[dict[str, Any]], None] | None = None) -> Reply:
+                          on_event: Callable[[dict[str, Any]], None] | None = None,
+                          until: Callable[[], Callable[[dict[str, Any]], bool]] | None = None) -> Reply:
         """POST ``body`` (which asks for ``"stream": true``) and read its events (see
         "Streaming" in the module docstring): ``on_event(event)`` is called on each event of
         every attempt as it arrives; the reply is the last attempt's events merged
-        (:func:`merge_events`), or :class:`BackendError`."""
+        (:func:`merge_events`), or :class:`BackendError`. ``until`` makes a fresh predicate
+        at the start of each attempt; when it returns True for an event, the stream ends
+        there (its connection closed before the server has finished) and the reply is that
+        attempt's events up to and including it."""
         async def once(client: httpx.AsyncClient, endpoint: str) -> Reply:
             events: list[dict[str, Any]] = []
+            stop = until() if until is not None else None
+            stopped = False
             async with client.stream("POST", endpoint, json=body, timeout=self.timeout) as response:
                 if not 200 <= response.status_code < 300:
                     await response.aread()
@@ -335,8 +345,12 @@ class EndpointPool:
                     events.append(event)
                     if on_event is not None:
                         on_event(event)
+                    if stop is not None and stop(event):
+                        stopped = True
+                        break  # leaving the block closes the unfinished response's connection
             merged = merge_events(events)
             self.usage.add(merged.get("usage"))
+            self.usage.stopped += stopped
             return Reply(merged, endpoint)
 
         try:

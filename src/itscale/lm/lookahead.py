@@ -28,10 +28,11 @@ as that particle's *look-ahead*:
 - It pays only where most particles go on. A problem whose kept look-ahead has been
   used less than half the time (beam search keeps one child in M, DVTS one in M) goes
   back to plain step requests that stop at the delimiter.
-- Whole-solution requests (no stop string), and every call of a generator with
-  ``merge_prompts=1`` (seeded, one request per StepRequest), go to the generator as they are;
-  so do races (``race``, offered when the generator has it; look-ahead is neither used nor
-  kept for them).
+- Whole-solution requests (no stop string), requests that ask for top log-probabilities
+  (``params.top_logprobs > 0``, and so every ``params.stop_below``), and every call of a
+  generator with ``merge_prompts=1`` (seeded, one request per StepRequest), go to the
+  generator as they are; so do races (``race``, offered when the generator has it;
+  look-ahead is neither used nor kept for them).
 - Look-ahead belongs to the request's problem *and* cache namespace
   (``StepRequest.cache_namespace``): a request never continues text generated for another
   namespace, and its merged requests carry only its namespace's ``cache_salt``.
@@ -177,13 +178,14 @@ class Lookahead(OnClient):
         the generator's plain requests."""
         if self.generator.merge_prompts == 1:  # seeded, one request per StepRequest: no look-ahead
             return await self.generator.generate_steps(requests)
-        stepwise = [r for r in requests if r.k > 0 and r.stop]
+        stepwise = [r for r in requests if r.k > 0 and r.stop and not r.params.top_logprobs]
         dropped = self._drop_unwanted(stepwise)
         usable: dict[tuple[str, ...], int] = {}  # look-aheads this call can use, by problem
         for r in stepwise:
             usable[_owner(r)] = usable.get(_owner(r), 0) + min(r.k, len(self._lanes.get(self._key(r, r.prefix), ())))
         ahead = [i for i, r in enumerate(requests)  # (a step that carries text goes plain: the generator reads it)
-                 if r.k > 0 and r.stop and not r.carry and self._pays(_owner(r), usable[_owner(r)])]
+                 if r.k > 0 and r.stop and not r.carry and not r.params.top_logprobs
+                 and self._pays(_owner(r), usable[_owner(r)])]
         chosen = set(ahead)
         plain = [i for i in range(len(requests)) if i not in chosen]
         out: list[list[Step]] = [[] for _ in requests]

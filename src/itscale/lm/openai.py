@@ -17,6 +17,14 @@ Steps
   token included, as in HFGenerator), else ``usage.completion_tokens`` split evenly.
 - ``logprob``: the sum of the returned token log-probabilities (vLLM returns the
   model's raw log-probabilities, before temperature and top-p), else ``None``.
+- ``top_logprobs`` (``params.top_logprobs = k > 0``; the requests then ask for them, see
+  :mod:`itscale.lm.completions`): per returned token, its position's ``k`` largest
+  log-probabilities, descending — raw as well with vLLM's default ``--logprobs-mode
+  raw_logprobs``, so they agree with :class:`~itscale.lm.hf.HFGenerator`'s (up to the two
+  implementations' float rounding; ``tests/integration/test_vllm_backend.py`` measures it).
+  The completions API maps top tokens by their text: where two of a position's top tokens
+  decode to the same text (byte-level pieces of one character) that position holds fewer
+  than ``k``. ``None`` when the server returned none.
 - ``prompt_tokens`` (``usage.prompt_tokens``, summed over the HTTP requests that
   served the request) and ``prefilled_tokens`` (``prompt − cached`` when the server
   reports ``cached_tokens``, else ``None``) are on the first continuation only.
@@ -62,6 +70,22 @@ A request that fails after its retries does not raise: its continuations come ba
 with ``finish_reason="error"``, empty text and ``error=str(BackendError)``, so those
 particles die and the run goes on. :meth:`OpenAIGenerator.check` fails fast instead.
 
+Stopping for low confidence
+---------------------------
+A request with ``params.stop_below`` (window ``n``, threshold ``s``; DeepConf online) is sent
+as ``k`` streamed single requests (``n=1``, seeded as a race's samples, never merged). As the
+tokens of each stream arrive their confidences ``C_t = −mean(top-k)`` are computed
+(:class:`itscale.lm.confidence.WindowCheck`); at the first token where the mean of the last
+``n`` is below ``s`` — unless that token's event also ends the completion (the sample
+finished on its own) — the stream is ended there: its connection is closed, which vLLM
+notices and aborts the request within a few tokens (:meth:`EndpointPool.post_stream`,
+``until``; ``usage.stopped`` counts them). The step then holds the tokens up to and including
+that one (``tokens``, ``logprob``, ``top_logprobs``, and as text those tokens' strings when
+they spell the text received, else the text received), ``finish_reason="low_confidence"``.
+Its ``prompt_tokens`` sums the samples' reported prompts (the local tokenizer's count for a
+stopped sample, which gets no usage), ``prefilled_tokens`` is ``None``. Requests without
+``stop_below`` are not streamed.
+
 Races
 -----
 :meth:`OpenAIGenerator.race` (:class:`itscale.protocols.Racer`) sends the ``k`` samples
@@ -92,7 +116,9 @@ import asyncio
 from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
+from ..protocols import check_raceable
 from ..types import Capabilities, RaceOutcome, Step, StepRequest
+from .confidence import WindowCheck, token_confidence
 from .completions import (
     Choice,
     Completion,
@@ -102,6 +128,7 @@ from .completions import (
     finish_of,
     split_evenly,
     streamed_tokens,
+    top_values,
 )
 from .detok import carried_step, generated_text, split_carry
 from .http import BackendError, EndpointPool
@@ -156,7 +183,7 @@ class OpenAIGenerator(OnClient):
                                         api_key=api_key, max_concurrency=max_concurrency, timeout=timeout,
                                         retries=retries, transport=transport)
         self.merge_prompts = int(merge_prompts)
-        self._capabilities = Capabilities(logprobs=True, n_per_request=n_per_request is not False,
+        self._capabilities = Capabilities(logprobs=True, top_logprobs=True, n_per_request=n_per_request is not False,
                                           prefix_cache=False, n_parameters=n_parameters, server_batching=True)
 
     # -- the client's state, as attributes ----------------------------------------------
@@ -194,16 +221,23 @@ class OpenAIGenerator(OnClient):
         if self.api != "completions" or self.merge_prompts == 1 or sum(r.k for r in requests) <= 1:
             return list(await asyncio.gather(*(self._serve(r) for r in requests)))
         groups: dict[tuple, list[int]] = {}
+        alone = []  # streamed, never merged
         for i, r in enumerate(requests):
-            if r.k > 0:
+            if r.k > 0 and r.params.stop_below is not None:
+                alone.append(i)
+            elif r.k > 0:
                 p = r.params
-                groups.setdefault((p.temperature, p.top_p, self._max_tokens(r), tuple(r.stop), r.cache_namespace),
-                                  []).append(i)
+                groups.setdefault((p.temperature, p.top_p, p.top_logprobs, self._max_tokens(r), tuple(r.stop),
+                                   r.cache_namespace), []).append(i)
         out: list[list[Step]] = [[] for _ in requests]
         chunks = [chunk for idx in groups.values() for chunk in self._chunks([requests[i] for i in idx], idx)]
-        for chunk, steps in zip(chunks, await asyncio.gather(*(self._serve_merged(c) for c in chunks))):
+        merged, single = await asyncio.gather(asyncio.gather(*(self._serve_merged(c) for c in chunks)),
+                                              asyncio.gather(*(self._serve(requests[i]) for i in alone)))
+        for chunk, steps in zip(chunks, merged):
             for (i, _), s in zip(chunk, steps):
                 out[i] = s
+        for i, steps in zip(alone, single):
+            out[i] = steps
         return out
 
     async def race(self, request: StepRequest) -> RaceOutcome:
@@ -211,6 +245,7 @@ class OpenAIGenerator(OnClient):
         (see "Races" in the module docstring). ``k < 1`` raises ``ValueError``."""
         if request.k < 1:
             raise ValueError(f"race needs k >= 1 samples to race, got k={request.k}")
+        check_raceable(request)
         carried = carried_step(request)
         if carried is not None:  # the carry is the whole step: nothing to ask the server
             return RaceOutcome(carried, 0, 0, 0)
@@ -253,11 +288,61 @@ class OpenAIGenerator(OnClient):
             return error_step(err)
         return self._steps(request, [(self._parse(reply), 1)])[0]
 
+    # -- stopping for low confidence -------------------------------------------------------
+    async def _serve_watched(self, request: StepRequest) -> list[Step]:
+        """The ``k`` streamed samples of a ``stop_below`` request (see "Stopping for low confidence")."""
+        seed = self._seed(request)
+        samples = await asyncio.gather(*(self._watched(request, None if seed is None else seed + j)
+                                         for j in range(request.k)))
+        steps = [step for step, _ in samples]
+        steps[0] = replace(steps[0], prompt_tokens=sum(n for _, n in samples), prefilled_tokens=None)
+        return steps[:1] + [replace(step, prompt_tokens=0, prefilled_tokens=None) for step in steps[1:]]
+
+    async def _watched(self, request: StepRequest, seed: int | None) -> tuple[Step, int]:
+        """One streamed sample, ended by the confidence rule: (its step, its prompt tokens)."""
+        rule = request.params.stop_below
+        k = request.params.top_logprobs
+        watches: list[_Watch] = []
+
+        def until():  # a fresh rule for every attempt (a retried stream starts over)
+            watches.append(_Watch(WindowCheck(rule.window, rule.threshold), k))
+            return watches[-1]
+
+        def body() -> dict[str, Any]:
+            return {**self._body(request, 1, seed), "stream": True, "stream_options": {"include_usage": True}}
+
+        path = "completions" if self.api == "completions" else "chat/completions"
+        try:
+            reply = await self.client.post_learning(path, body,
+                                                    send=lambda p, b: self.http.post_stream(p, b, until=until))
+        except BackendError as err:
+            return error_step(err), 0
+        part = self._parse(reply)
+        if isinstance(part, BackendError):
+            return error_step(part), 0
+        prompt = part.prompt_tokens or self.context_tokens(request.problem.prompt, _context(request))
+        fired = watches[-1].fired if watches else None
+        if fired is None or not part.choices:
+            return self._steps(request, [(part, 1)])[0], prompt
+        return self._cut_step(request, part.choices[0], fired), prompt
+
+    def _cut_step(self, request: StepRequest, choice: Choice, n: int) -> Step:
+        """The first ``n`` tokens of a stream the confidence rule ended (``low_confidence``)."""
+        tokens = choice.tokens or ()
+        joined = "".join(tokens)
+        text = "".join(tokens[:n]) if joined.startswith(choice.text) and len(tokens) >= n else choice.text
+        lps = [v for v in (choice.token_logprobs or ())[:n] if v is not None]
+        text, carry, finish = split_carry(request.carry, text, text, "low_confidence", request.stop)
+        return Step(text, n, logprob=float(sum(lps)), finish_reason=finish, carry=carry,
+                    top_logprobs=_top(choice, request.params.top_logprobs, n))
+
     # -- one request ------------------------------------------------------------------
     async def _serve(self, request: StepRequest) -> list[Step]:
         k = request.k
         if k <= 0:
             return []
+        if request.params.stop_below is not None:
+            return await self._serve_watched(request)
         parts: list[tuple[Completion | BackendError, int]] = []  # (reply or error, continuations it covers)
         done = 0
         if k > 1 and self.client.n_per_request is not False:
@@ -299,7 +384,7 @@ class OpenAIGenerator(OnClient):
     def _body(self, request: StepRequest, n: int, seed: int | None) -> dict[str, Any]:
         p = request.params
         sampling = Sampling(self._max_tokens(request), p.temperature, p.top_p, n, seed, tuple(request.stop),
-                            cache_namespace=request.cache_namespace)
+                            top_logprobs=p.top_logprobs, cache_namespace=request.cache_namespace)
         if self.api == "completions":
             return self.client.completions_body(self.context_text(request.problem.prompt, _context(request)), sampling)
         return self.client.chat_body(request.problem.prompt, _context(request), sampling)
@@ -358,7 +443,7 @@ class OpenAIGenerator(OnClient):
             first = requests[0]
             p = first.params
             sampling = Sampling(self._max_tokens(first), p.temperature, p.top_p, 1, None, tuple(first.stop),
-                                cache_namespace=first.cache_namespace)
+                                top_logprobs=p.top_logprobs, cache_namespace=first.cache_namespace)
             contexts = [self.context_text(r.problem.prompt, _context(r)) for r in requests for _ in range(r.k)]
             return self.client.completions_body(contexts, sampling)
 
@@ -399,9 +484,40 @@ class OpenAIGenerator(OnClient):
         generated = generated_text(choice, text) if finish == "stop" else text  # (an EOS token is not text)
         text, carry, finish = split_carry(request.carry, text, generated, finish, request.stop)
         return Step(text, tokens, logprob=float(sum(lps)) if lps is not None else None, finish_reason=finish,
-                    carry=carry)
+                    carry=carry, top_logprobs=_top(choice, request.params.top_logprobs))
 
 
 def _context(request: StepRequest) -> str:
     """The solution text the server continues: the steps, then the last step's carry."""
     return request.prefix + request.carry
+
+
+def _top(choice: Choice, k: int, n: int | None = None) -> tuple[tuple[float, ...], ...] | None:
+    """The first ``n`` (all) returned tokens' ``k`` largest log-probabilities (positions whose
+    token log-probability is missing are left out, as in ``Step.tokens``); ``None`` when
+    ``k = 0`` or the server returned none."""
+    if k <= 0 or choice.top_values is None:
+        return None
+    lps = choice.token_logprobs or (0.0,) * len(choice.top_values)
+    rows = [top for top, lp in zip(choice.top_values, lps) if lp is not None][:n]
+    return None if any(top is None for top in rows) else tuple(top[:k] for top in rows)
+
+
+class _Watch:
+    """The confidence rule over one stream's events (``EndpointPool.post_stream``'s ``until``):
+    True at the first event in which the group confidence falls below the threshold, unless
+    that token ended the completion; ``fired`` is then how many tokens the step keeps."""
+
+    def __init__(self, check: WindowCheck, k: int):
+        self.check, self.k, self.tokens, self.fired = check, k, 0, None
+
+    def __call__(self, event: dict[str, Any]) -> bool:
+        for choice in event.get("choices") or ():
+            rows = top_values(choice) or []
+            for top in rows:
+                self.tokens += 1
+                if self.fired is None and top and self.check.push(token_confidence(top[: self.k])):
+                    self.fired = self.tokens
+            if self.fired == self.tokens and choice.get("finish_reason"):
+                self.fired = None  # the token that fired also ended the completion: it finished on its own
+        return self.fired is not None

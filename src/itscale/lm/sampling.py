@@ -23,7 +23,9 @@ by id) whose mass reaches ``top_p``. The token is the inverse CDF at ``u``: the 
 ``Σ_{x' ≤ x} q(x') > u``. ``T = 0`` is greedy: the first argmax.
 
 The reported log-probability is always under the model's raw distribution,
-``log softmax(z)(x)`` at temperature 1 before the nucleus, in float64.
+``log softmax(z)(x)`` at temperature 1 before the nucleus, in float64, and so are the
+top-k log-probabilities (:func:`token_logprobs` with ``top=k``): the ``k`` largest values of
+``log softmax(z)``, descending.
 """
 
 from __future__ import annotations
@@ -71,6 +73,11 @@ def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.minimum(idx, last_positive)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """``log softmax(logits)[token]`` per row, float64."""
-    return torch.log_softmax(logits.to(torch.float64), dim=-1).gather(1, tokens[:, None]).squeeze(1)
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
+                   top: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(log softmax(logits)[token] per row, top)``, float64, where ``top`` (``top = k > 0``;
+    else ``None``) holds the ``k`` largest values of ``log softmax(logits)`` per row,
+    descending (``[B, k]``, at most the vocabulary)."""
+    logp = torch.log_softmax(logits.to(torch.float64), dim=-1)
+    picked = logp.gather(1, tokens[:, None]).squeeze(1)
+    return picked, (logp.topk(min(top, logp.shape[-1]), dim=-1).values if top > 0 else None)

@@ -122,9 +122,9 @@ class RequestPolicy:
         return self.inner.capabilities
 
     def cut(self, step: Step) -> bool:
-        """Whether a solution ending with ``step`` was cut short: at the token cap, or
-        at a length limit (``finish_reason="length"``)."""
-        return step.finish_reason == "length" or any(step is s for s in self.capped)
+        """Whether a solution ending with ``step`` was cut short: at the token cap, at a
+        length limit (``finish_reason="length"``), or for low confidence (``low_confidence``)."""
+        return step.finish_reason in ("length", "low_confidence") or any(step is s for s in self.capped)
 
     async def generate_steps(self, requests: Sequence[StepRequest]) -> list[list[Step]]:
         used = [sum(s.tokens for s in r.steps) for r in requests]

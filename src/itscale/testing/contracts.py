@@ -27,10 +27,15 @@ The rules (from :mod:`itscale.protocols`):
 Generator
   - ``capabilities`` is a :class:`~itscale.types.Capabilities`; an empty call returns ``[]``;
   - one list per request, in request order, of exactly ``k`` :class:`~itscale.types.Step` s;
-  - ``finish_reason`` is ``stop``, ``eos``, ``length`` or ``error``; an ``error`` step has
-    empty text and a message, and nothing else has an error;
+  - ``finish_reason`` is ``stop``, ``eos``, ``length``, ``low_confidence`` or ``error``; an
+    ``error`` step has empty text and a message, and nothing else has an error;
   - with stop strings, a ``stop`` step ends with one and holds no earlier one, and an
-    ``eos`` / ``length`` step holds none; a whole solution (``stop=()``) never ends in ``stop``;
+    ``eos`` / ``length`` / ``low_confidence`` step holds none; a whole solution (``stop=()``)
+    never ends in ``stop``; ``low_confidence`` only where ``params.stop_below`` was set;
+  - ``top_logprobs`` is ``None`` unless ``params.top_logprobs = k > 0``; then (but for an
+    ``error`` step) one tuple per counted token of at most ``k`` finite values ≤ 0, descending
+    (:attr:`Case.top_logprobs` > 0 adds a check that sends such requests, with and without
+    ``stop_below``);
   - ``tokens`` counts generated tokens, at most ``max_step_tokens``; ``logprob`` is ``None`` or
     a finite number ≤ 0; ``prompt_tokens`` / ``prefilled_tokens`` are ``None`` or counts,
     ``prefilled ≤ prompt``;
@@ -55,12 +60,12 @@ from typing import Any, Awaitable, Callable
 import pytest  # (this module is for test suites: it needs pytest)
 
 from ..protocols import Generator, ProcessRewardModel
-from ..types import Capabilities, Problem, SamplingParams, ScoreRequest, Step, StepRequest, StepScores
+from ..types import Capabilities, ConfidenceStop, Problem, SamplingParams, ScoreRequest, Step, StepRequest, StepScores
 
 __all__ = ["GENERATOR_CHECKS", "PRM_CHECKS", "Case", "GeneratorContract", "PRMContract", "check_generator",
            "check_prm"]
 
-FINISH_REASONS = ("stop", "eos", "length", "error")
+FINISH_REASONS = ("stop", "eos", "length", "low_confidence", "error")
 TOLERANCE = 1e-4  # scores of the same text in different batches (padding changes float rounding)
 
 
@@ -76,10 +81,11 @@ class Case:
     max_step_tokens: int = 12
     temperature: float = 1.0
     seeded: bool = False
+    top_logprobs: int = 0  # > 0: check top_logprobs and stop_below (backends that return them)
 
-    def params(self, seed: int | None = None, max_step_tokens: int | None = None) -> SamplingParams:
+    def params(self, seed: int | None = None, max_step_tokens: int | None = None, **more) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, max_step_tokens=max_step_tokens or self.max_step_tokens,
-                              seed=seed)
+                              seed=seed, **more)
 
     def step_request(self, k: int = 1, prefix: int = 0, seed: int | None = None, other: bool = False) -> StepRequest:
         """``k`` continuations of the first ``prefix`` steps of the problem (or of the other one)."""
@@ -94,7 +100,9 @@ def _check_step(step: Any, request: StepRequest, where: str) -> None:
     assert isinstance(step.tokens, int) and step.tokens >= 0, f"{where}: tokens {step.tokens!r}"
     if step.finish_reason == "error":
         assert step.text == "" and step.error, f"{where}: an error step needs empty text and a message: {step!r}"
+        assert step.top_logprobs is None, f"{where}: an error step carries top_logprobs"
         return
+    _check_top(step, request, where)
     assert step.error is None, f"{where}: a {step.finish_reason!r} step carries an error: {step.error!r}"
     assert isinstance(step.text, str)
     limit = request.params.max_step_tokens
@@ -115,6 +123,21 @@ def _check_step(step: Any, request: StepRequest, where: str) -> None:
         assert first == len(step.text), f"{where}: a 'stop' step must end at its first stop string: {step.text!r}"
     else:
         assert first is None, f"{where}: a {step.finish_reason!r} step holds a stop string: {step.text!r}"
+
+
+def _check_top(step: Step, request: StepRequest, where: str) -> None:
+    k, top = request.params.top_logprobs, step.top_logprobs
+    if step.finish_reason == "low_confidence":
+        assert request.params.stop_below is not None, f"{where}: 'low_confidence' without params.stop_below"
+    if k == 0:
+        assert top is None, f"{where}: top_logprobs {top!r:.80} returned but not asked for"
+        return
+    assert isinstance(top, tuple) and len(top) == step.tokens, \
+        f"{where}: expected one top_logprobs tuple per token ({step.tokens}), got {top!r:.200}"
+    for i, values in enumerate(top):
+        assert isinstance(values, tuple) and 1 <= len(values) <= k, f"{where}: token {i}: {values!r} for k={k}"
+        assert all(math.isfinite(v) and v <= 1e-9 for v in values), f"{where}: token {i}: {values!r}"
+        assert list(values) == sorted(values, reverse=True), f"{where}: token {i}: not descending: {values!r}"
 
 
 def _check_shape(out: Any, requests: list[StepRequest], what: str) -> None:
@@ -161,9 +184,25 @@ async def generator_seeded_requests_repeat(gen, case: Case) -> None:
         f"the same seeded request gave {[s.text for s in alone]} alone and {[s.text for s in again]} in a batch"
 
 
+async def generator_top_logprobs(gen, case: Case) -> None:
+    if not case.top_logprobs:
+        return
+    k = case.top_logprobs
+    stop = ConfidenceStop(window=2, threshold=1e9)  # fires at the second token of any sample
+    requests = [StepRequest(case.problem, (), 2, case.params(seed=3, top_logprobs=k), (case.delimiter,)),
+                StepRequest(case.other, (), 2, case.params(seed=4, top_logprobs=k), ()),
+                StepRequest(case.problem, (), 3, case.params(seed=5, top_logprobs=k, stop_below=stop), ())]
+    out = await gen.generate_steps(requests)
+    _check_shape(out, requests, "requests with top_logprobs")
+    assert any(s.top_logprobs for steps in out for s in steps), "no top_logprobs returned"
+    for s in out[2]:
+        assert s.failed or s.tokens <= 2, f"stop_below that fires at the second token: {s!r:.200}"
+    assert any(s.finish_reason == "low_confidence" for s in out[2]), "stop_below never stopped a sample"
+
+
 GENERATOR_CHECKS: tuple[Callable[[Any, Case], Awaitable[None]], ...] = (
     generator_capabilities, generator_k_steps_in_request_order, generator_stop_strings_and_limits,
-    generator_whole_solutions, generator_seeded_requests_repeat)
+    generator_whole_solutions, generator_seeded_requests_repeat, generator_top_logprobs)
 
 
 # -- PRM checks ---------------------------------------------------------------------------

@@ -43,12 +43,32 @@ sampling at temperature T (top_p = 1) is, by enumerating the tree,
 Tokens are whitespace-separated words: ``Step.tokens`` counts the generated text,
 ``prompt_tokens`` the prompt plus the prefix, ``StepScores.tokens`` the prompt plus
 every step scored.
+
+Confidence (``params.top_logprobs = k > 0``). Every word of a sampled step with raw
+probability p (temperature 1: ``node.probs[j]``, whatever the sampling settings) gets, as its
+top-k log-probabilities, those of the geometric distribution P(j) = r·(1 − r)^{j−1},
+j = 1, 2, … (descending, summing to 1) with r = clip(p, 0.1, 0.99):
+
+    top_logprobs = (log r + (j − 1)·log(1 − r))_{j=1..k},
+    C = −(1/k) Σ_j = −log r − ((k − 1)/2)·log(1 − r).
+
+C grows with r wherever r > 2/(k + 1): over the whole clipped range for k ≥ 19 (DeepConf's
+k is 20: C runs from 3.3 at p ≤ 0.1 to 43.7 at p ≥ 0.99), so a low-probability step has
+low-confidence words (with small k, C is the top word's surprisal and the order turns
+around below r = 2/(k + 1)). ``params.stop_below`` applies
+DeepConf's rule to these C word by word over the request's words
+(:class:`itscale.lm.confidence.WindowCheck`): where it fires, the continuation ends after that
+word (``finish_reason="low_confidence"``; the text cut after the word, the whitespace after
+it dropped; ``logprob`` the kept words' share, log q / L per word of a step of L words),
+unless that word ended the continuation anyway (its last word: the step's stop string, or the
+answer's end).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from statistics import NormalDist
@@ -56,6 +76,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..lm.confidence import WindowCheck, token_confidence
+from ..protocols import check_raceable
 from ..tasks.answers import answer_key, extract_answer
 from ..types import (
     Capabilities,
@@ -67,7 +89,8 @@ from ..types import (
     StepScores,
 )
 
-__all__ = ["SimulatedTask", "SimulatedPolicy", "SimulatedPRM", "SimulatedVerifier", "count_tokens"]
+__all__ = ["SimulatedTask", "SimulatedPolicy", "SimulatedPRM", "SimulatedVerifier", "count_tokens",
+           "simulated_top_logprobs"]
 
 _WORDS = (
     "so", "we", "now", "use", "the", "sum", "of", "both", "terms", "then", "check", "cases",
@@ -76,6 +99,15 @@ _WORDS = (
 )  # fmt: skip
 _DEFAULT_SEED = 0x5EED  # seed of requests with params.seed None, with a per-policy counter
 _STD_NORMAL = NormalDist()
+_R_RANGE = (0.1, 0.99)  # the clip of a simulated token's top probability r (see "Confidence")
+_WORD = re.compile(r"\S+")
+
+
+def simulated_top_logprobs(p: float, k: int) -> tuple[float, ...]:
+    """The top-k log-probabilities of each word of a step with raw probability ``p`` (see
+    "Confidence" in the module docstring)."""
+    r = min(max(p, _R_RANGE[0]), _R_RANGE[1])
+    return tuple(math.log(r) + j * math.log(1.0 - r) for j in range(k))
 
 
 def count_tokens(text: str) -> int:
@@ -332,9 +364,11 @@ class SimulatedPolicy:
     each cycle of ``branching``, so k == branching enumerates every child once (its
     logprob is still log q_T, −inf for a child outside the sampling support). With
     ``fail_rate`` each continuation independently fails (``finish_reason="error"``).
+    ``top_logprobs`` and ``stop_below``: "Confidence" in the module docstring.
     """
 
-    capabilities = Capabilities(logprobs=True, n_per_request=True, prefix_cache=False, n_parameters=1_000_000)
+    capabilities = Capabilities(logprobs=True, top_logprobs=True, n_per_request=True, prefix_cache=False,
+                                n_parameters=1_000_000)
 
     def __init__(self, task: SimulatedTask, fail_rate: float = 0.0, distinct: bool = False) -> None:
         if not 0.0 <= fail_rate <= 1.0:
@@ -367,6 +401,7 @@ class SimulatedPolicy:
         """
         if request.k < 1:
             raise ValueError(f"race needs k >= 1 samples to race, got k={request.k}")
+        check_raceable(request)
         (steps,) = await self.generate_steps([request])
         ok = [j for j, step in enumerate(steps) if not step.failed]
         if not ok:
@@ -407,25 +442,46 @@ class SimulatedPolicy:
             if rng.random() < self.fail_rate:
                 steps.append(Step("", 0, first_pt, finish_reason="error", error="simulated failure"))
                 continue
-            text, logprob, eos = self._continue(i, path, rng, temperature, top_p, whole, order[c] if order else None)
-            steps.append(Step(text, count_tokens(text), first_pt, logprob=logprob, finish_reason="eos" if eos else "stop"))
+            pieces, eos = self._continue(i, path, rng, temperature, top_p, whole, order[c] if order else None)
+            steps.append(replace(self._step(pieces, eos, request.params), prompt_tokens=first_pt))
         return steps
 
-    def _continue(self, i, path, rng, temperature, top_p, whole, first) -> tuple[str, float, bool]:
-        """Sample one step (or every step to the end): (text, log q, reached the answer)."""
-        texts, logprob, path = [], 0.0, list(path)
+    def _continue(self, i, path, rng, temperature, top_p, whole, first) -> tuple[list[tuple[str, float, float]],
+                                                                                 bool]:
+        """Sample one step (or every step to the end): ([(text, raw p, log q)] per step, reached the answer)."""
+        pieces, path = [], list(path)
         while True:
             node = self.task._node(i, tuple(path))
             q = _sampling_probs(node.probs, temperature, top_p)
             j = _draw(q, rng) if first is None else first
             first = None
-            logprob += math.log(q[j]) if q[j] > 0 else -math.inf
-            texts.append(node.texts[j])
+            pieces.append((node.texts[j], node.probs[j], math.log(q[j]) if q[j] > 0 else -math.inf))
             if node.final:
-                return "".join(texts), logprob, True
+                return pieces, True
             path.append(j)
             if not whole:
-                return "".join(texts), logprob, False
+                return pieces, False
+
+    @staticmethod
+    def _step(pieces: list[tuple[str, float, float]], eos: bool, params) -> Step:
+        """The continuation's step: its words' top-k log-probabilities, cut where ``stop_below``
+        fires (see "Confidence" in the module docstring)."""
+        text = "".join(t for t, _, _ in pieces)
+        logprob = sum(lq for _, _, lq in pieces)
+        k = params.top_logprobs
+        if k == 0:
+            return Step(text, count_tokens(text), logprob=logprob, finish_reason="eos" if eos else "stop")
+        words = [(simulated_top_logprobs(p, k), lq / count_tokens(t))
+                 for t, p, lq in pieces for _ in range(count_tokens(t))]
+        tops = tuple(top for top, _ in words)
+        rule = params.stop_below
+        check = None if rule is None else WindowCheck(rule.window, rule.threshold)
+        for n in range(1, len(words) + 1):
+            if check is not None and check.push(token_confidence(tops[n - 1])) and n < len(words):
+                end = [m.end() for m in _WORD.finditer(text)][n - 1]
+                return Step(text[:end], n, logprob=sum(lw for _, lw in words[:n]), finish_reason="low_confidence",
+                            top_logprobs=tops[:n])
+        return Step(text, len(words), logprob=logprob, finish_reason="eos" if eos else "stop", top_logprobs=tops)
 
 
 class SimulatedPRM:
