@@ -23,7 +23,7 @@ from itscale.tasks.answers import answer_key
 PROBLEM = "Start at 3. Apply in order: +4, *2, -1."
 ITSCALE = Path(sys.executable).with_name("itscale")  # the console script next to the interpreter
 FIELDS = {"question", "answer", "solution", "finish_reason", "status", "message", "method", "budget", "params", "seed", "candidates",
-          "usage", "cost", "wall_time", "log_z", "exact", "warnings"}
+          "usage", "cost", "wall_time", "log_z", "exact", "warnings", "extras"}
 
 
 @pytest.fixture(scope="module")

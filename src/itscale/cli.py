@@ -201,6 +201,11 @@ All settings (defaults in brackets):
     format:    arithmetic | math | {delimiter, answer_markers, max_steps}   [arithmetic]
     methods:   a list of {name, label, params, budgets}; `itscale bench --methods` lists them
     budgets [1,2,4,8,16], seeds [0], concurrency [128], subsets [64], output [itscale-bench]
+    allocation: (optional) learn a compute-optimal allocation after the sweep: probe [agreement] (agreement |
+               prm), probe_samples [4], aggregation [last] (prm probe), bins [5], train_fraction [0.5],
+               budgets [the sweep's] (cost levels, in whole samples per problem), answer_from_probe [true];
+               writes allocation.json for `itscale serve --allocation` and a table of the learnt allocation
+               against the best uniform method on the held-out problems
 
 Results go to a SQLite store in the output folder; rerunning the same command skips
 finished work (a killed run resumes), then writes records/metrics CSV and JSONL, two
@@ -238,7 +243,8 @@ def _bench(ns: argparse.Namespace) -> int:
 
     if ns.methods:
         for name, cls in sorted(STRATEGIES.items()):
-            fields = ", ".join(f"{k}={v.default!r}" for k, v in cls.Params.model_fields.items())
+            fields = ", ".join(f"{k}=(required)" if v.is_required() else f"{k}={v.default!r}"
+                               for k, v in cls.Params.model_fields.items())
             print(f"{name:28s} {fields or '(no parameters)'}")
         return 0
     if not ns.config:
@@ -396,6 +402,12 @@ picks its method and budget with a model suffix (model="tiny:pf-16", "tiny:bon-8
 "budget": 16, "params": {...}}}. Aliases: pf, tsmc, pg, pt, bon, wbon, sc/majority,
 asc, beam, dvts, greedy.
 
+With --allocation FILE (the allocation.json of an `itscale bench` run with an
+`allocation:` section) the method compute_optimal (alias cob) probes each request's
+difficulty and runs the method and budget learnt for it; the request's budget B picks
+the learnt cost level with the largest budget <= B (a mean cost per problem of at most
+B whole samples), and itscale.params.level names a level directly.
+
 Keys: --api-key-file FILE has one key per line, optionally followed by its limits
 (name=alice max_budget=64 max_tokens=1024 max_running=4); ITSCALE_API_KEYS holds
 comma-separated keys with the server's limits. Without keys the server is open and
@@ -418,7 +430,7 @@ def _serve(ns: argparse.Namespace) -> int:
         config = ServeConfig(
             **model_settings(ns), served_model_name=ns.served_model_name, temperature=ns.temperature,
             top_p=ns.top_p, step_tokens=ns.step_tokens, default_method=ALIASES.get(default_method, default_method),
-            default_budget=ns.default_budget,
+            default_budget=ns.default_budget, allocation=ns.allocation,
             limits=limits, host=ns.host, port=ns.port, allow_open=ns.allow_open, max_running=ns.max_running,
             max_queue=ns.max_queue, request_timeout=ns.request_timeout, graceful_timeout=ns.graceful_timeout,
             header_timeout=ns.header_timeout, body_timeout=ns.body_timeout,
@@ -449,6 +461,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--default-method",
                    help="method when a request names none [particle_filtering; self_consistency with --prm none]")
     g.add_argument("--default-budget", type=int, default=8, help="budget when a request names none [8]")
+    g.add_argument("--allocation", metavar="FILE",
+                   help="a learnt compute-optimal allocation (the allocation.json of `itscale bench` with an "
+                        "`allocation:` section): enables the method compute_optimal (alias cob)")
     g.add_argument("--max-budget", type=int, default=64, help="largest budget per request (keys may override) [64]")
     g.add_argument("--max-tokens", type=int, default=512,
                    help="largest max_tokens per candidate solution, and the default (keys may override) [512]")
@@ -493,6 +508,7 @@ the answer, the chosen solution, and the final candidates with their weights and
     itscale solve "Start at 3. Apply in order: +4, *2, -1."
     itscale solve "QUESTION" --policy path/to/model --prm path/to/prm --method pf --budget 16
     echo "QUESTION" | itscale solve - --json
+    itscale solve "QUESTION" --method cob --allocation runs/x/allocation.json --budget 8
 
 The models are named and placed as for `itscale serve` (default: the embedded pair, which
 knows only its arithmetic task); methods and aliases as `itscale bench --methods` and the
@@ -514,6 +530,8 @@ def add_solve_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("method")
     g.add_argument("--method", help="method name or alias [particle_filtering; self_consistency with --prm none]")
     g.add_argument("--budget", type=int, default=8, help="samples or particles the method may use [8]")
+    g.add_argument("--allocation", metavar="FILE",
+                   help="a learnt compute-optimal allocation (allocation.json), for --method compute_optimal")
     g.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="a method parameter (repeatable; VALUE read as JSON when it is), e.g. --param beam_width=2")
     g.add_argument("--seed", type=int, help="makes the run reproducible with local models (default: a random "

@@ -24,8 +24,13 @@ nothing else there): ``question``, ``answer``, ``solution``, ``finish_reason`` (
 when the chosen solution was cut at the token limit, else ``stop``), ``status``, ``message``,
 ``method``, ``budget``, ``params``, ``seed``, ``candidates`` (``answer``, ``weight``,
 ``score``, ``tokens``, ``chosen``, ``text``; heaviest first), ``usage`` (the server's),
-``cost``, ``wall_time``, ``log_z``, ``exact`` and ``warnings``. A run that ends without an
-answer (every particle died, or the backend failed) exits with status 1.
+``cost``, ``wall_time``, ``log_z``, ``exact``, ``warnings`` and ``extras`` (what the method
+reports about its run, e.g. compute_optimal's difficulty, bin and choice). A run that ends
+without an answer (every particle died, or the backend failed) exits with status 1.
+
+``--method compute_optimal`` (alias ``cob``) needs ``--allocation FILE``, the learnt policy
+(:mod:`itscale.allocation`), read before any model loads; ``--budget`` then picks its cost
+level (as for the server) and the text output says which bin and method the question got.
 
 ``rich`` draws the progress line and the table when it is installed (the ``bench`` extra);
 plain text otherwise.
@@ -87,8 +92,21 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
     return params
 
 
-def check_method(method: str, budget: int, params: dict[str, Any], prm_enabled: bool):
-    """The registered method, validated with its parameters and budget before any model loads."""
+def load_allocation_option(path: str | None):
+    """The ``--allocation`` policy, read before any model loads (None without the option)."""
+    if path is None:
+        return None
+    from .allocation import AllocationError, load_allocation
+
+    try:
+        return load_allocation(path)
+    except AllocationError as err:
+        raise SolveError(f"--allocation: {err}") from None
+
+
+def check_method(method: str, budget: int, params: dict[str, Any], prm_enabled: bool, allocation=None):
+    """The registered method, validated with its parameters and budget before any model loads
+    (``allocation``: the ``--allocation`` policy, which ``compute_optimal`` needs)."""
     from .serve.errors import ApiError
     from .serve.methods import resolve_method
     from .strategies import STRATEGIES, make_strategy
@@ -103,8 +121,16 @@ def check_method(method: str, budget: int, params: dict[str, Any], prm_enabled: 
     if isinstance(budget, bool) or budget < 1:
         raise SolveError(f"--budget: must be a positive integer (the method's number of samples or particles), "
                          f"got {budget}")
+    server_params = {}
+    if name == "compute_optimal":
+        if allocation is None:
+            raise SolveError("--method: compute_optimal applies a learnt allocation; give it with --allocation FILE "
+                             "(the allocation.json of an `itscale bench` run with an `allocation:` section)")
+        if "allocation" in params:
+            raise SolveError("--param allocation: set it with --allocation FILE")
+        server_params["allocation"] = allocation
     try:
-        strategy = make_strategy(name, _Unloaded(), _Unloaded(), **params)
+        strategy = make_strategy(name, _Unloaded(), _Unloaded(), **params, **server_params)
     except ValueError as err:
         raise SolveError(f"--param: {err}") from None
     try:
@@ -140,12 +166,14 @@ def _solve(ns: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO
     question = read_question(ns.question, stdin)
     prm_enabled = ns.prm.strip().lower() != "none"
     params = parse_params(ns.param)
+    allocation = load_allocation_option(getattr(ns, "allocation", None))
     method = check_method(ns.method or ("particle_filtering" if prm_enabled else "self_consistency"), ns.budget,
-                          params, prm_enabled)
+                          params, prm_enabled, allocation)
     try:
         config = ServeConfig(**model_settings(ns), temperature=ns.temperature, top_p=ns.top_p,
                              step_tokens=ns.step_tokens, default_method=method, default_budget=ns.budget,
-                             limits=Limits(max_budget=ns.budget, max_tokens=ns.max_tokens))
+                             limits=Limits(max_budget=ns.budget, max_tokens=ns.max_tokens),
+                             allocation=getattr(ns, "allocation", None))
     except ValidationError as err:
         raise SolveError("\n".join(option_errors(err, {"default_method": "method", "default_budget": "budget"}))
                          ) from None
@@ -209,10 +237,13 @@ def _prepare(engine, question: str, method: str, params: dict, config, seed: int
     max_tokens = config.limits.max_tokens
     sampling = SamplingParams(temperature=config.temperature, top_p=config.top_p,
                               max_step_tokens=min(config.step_tokens, max_tokens))
+    max_budget = config.default_budget  # (one question, no key: compute_optimal may run any budget its levels learnt)
+    if engine.allocation is not None:
+        max_budget = max(max_budget, *(lv.max_budget for lv in engine.allocation.levels))
     job = Job(id="solve", kind="chat", model=engine.model_name, problem=question, method=method,
               budget=config.default_budget, params=params, sampling=sampling, max_tokens=max_tokens, n=1,
               seed=seed, timeout=math.inf, stream=False, include_usage=False, key_name="cli", warnings=warnings,
-              budget_param="--budget", default_budget=False, max_budget=config.default_budget)
+              budget_param="--budget", default_budget=False, max_budget=max_budget)
     try:
         return engine.prepare(job)
     except ApiError as err:  # e.g. a question longer than the model's context
@@ -231,7 +262,7 @@ def _progress_line(method: str, p: dict) -> str:
 
 def _report(run, result) -> dict[str, Any]:
     """The JSON object of ``--json`` (module docstring); the text output is drawn from it too."""
-    from .serve.responses import usage
+    from .serve.responses import jsonable, usage
 
     job = run.job
     cands = sorted(result.candidates, key=lambda c: -c.weight)
@@ -257,6 +288,7 @@ def _report(run, result) -> dict[str, Any]:
         "log_z": _finite(result.log_z),
         "exact": result.exact,
         "warnings": list(job.warnings),
+        "extras": jsonable(dict(result.extras)),
     }
 
 
@@ -274,6 +306,13 @@ def _print_report(out: dict[str, Any], stdout: TextIO) -> None:
     usage = out["usage"]
     summary = (f"{out['method']}, budget {out['budget']}, seed {out['seed']}: {usage['completion_tokens']} tokens "
                f"generated, {usage['prm_tokens']} PRM tokens, {out['wall_time']:.2f} s")
+    choice = out["extras"].get("choice") if out["method"] == "compute_optimal" else None
+    if choice:  # what the allocation chose for this question
+        extras = out["extras"]
+        chosen = "the probe's own vote" if choice["method"] == "probe" else \
+            f"{choice['label'] or choice['method']} at budget {choice['budget']}"
+        summary += (f"\ndifficulty {extras['difficulty']:.3g} (bin {extras['bin']} of {extras['bins']}, easiest 0) at "
+                    f"the cost level of budget {extras['level']}: {chosen}")
     header = ("", "weight", "score", "tokens", "answer", "solution")
     rows = [("*" if c["chosen"] else "", f"{c['weight']:.3f}", "-" if c["score"] is None else f"{c['score']:.3f}",
              "-" if c["tokens"] is None else str(c["tokens"]), "-" if c["answer"] is None else c["answer"],

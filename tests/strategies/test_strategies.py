@@ -44,6 +44,8 @@ def test_every_method_of_design_5_is_registered():
         "a_star", "early_rejection", "first_finish", "mcts", "entropic_particle_filtering",
         # issue 19: confidence and consistency
         "beta_self_consistency", "rpc",
+        # issue 19: compute-optimal allocation
+        "compute_optimal",
     }
 
 

@@ -22,6 +22,12 @@ Example (YAML)::
     budgets: [1, 2, 4, 8, 16]
     seeds: [0]
     output: runs/medium
+    allocation:                      # optional: learn a compute-optimal allocation after the sweep
+      probe: agreement               # difficulty score: agreement | prm
+      probe_samples: 4
+      bins: 5
+      train_fraction: 0.5
+      budgets: [4, 8, 16]            # cost levels, in whole samples per problem (default: the sweep's)
 
 ``policy`` and ``prm`` are the backend specs of :mod:`itscale.backends.spec` (the
 policy adds its sampling settings). Each method is checked against the strategy registry when the file is loaded: unknown
@@ -37,7 +43,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ..backends.spec import PolicySpec, PRMSpec
 from ..strategies import STRATEGIES, PooledStrategy, make_strategy
@@ -112,6 +118,41 @@ class MethodConfig(_Strict):
         return self.label or self.name
 
 
+class AllocationConfig(_Strict):
+    """Learn a compute-optimal allocation from the sweep (:mod:`itscale.allocation`,
+    :mod:`itscale.bench.allocation`)."""
+
+    probe: Literal["agreement", "prm"] = Field("agreement", description="difficulty score: 1 − the modal answer's "
+                                                                        "share (agreement) or 1 − the mean PRM score")
+    probe_samples: int = Field(4, ge=1, description="whole samples per problem in the probe (one request)")
+    aggregation: Literal["last", "min", "prod", "mean", "model"] = Field(
+        "last", description="how the prm probe reads a sample's step scores")
+    bins: int = Field(5, ge=1, le=50, description="difficulty bins: quantiles of the probe score on the training split")
+    train_fraction: float = Field(0.5, gt=0, lt=1,
+                                  description="share of the problems (by a hash of the id) to learn on")
+    budgets: list[int] | None = Field(None, min_length=1, description="cost levels: budget B allows the mean cost "
+                                                                      "of B whole samples per problem (default: the "
+                                                                      "sweep's)")
+    answer_from_probe: bool = Field(True, description="a bin may answer with the probe's own vote, spending no more")
+
+    @field_validator("budgets")
+    @classmethod
+    def _positive_and_distinct(cls, values: list[int] | None) -> list[int] | None:
+        if values is None:
+            return None
+        if any(b < 1 for b in values) or len(set(values)) != len(values):
+            raise ValueError(f"cost levels must be distinct positive integers (budgets in whole samples), got {values}")
+        return sorted(values)
+
+    @field_validator("probe_samples")
+    @classmethod
+    def _samples_fit_the_score(cls, value: int, info: ValidationInfo) -> int:
+        if info.data.get("probe") == "agreement" and value < 2:
+            raise ValueError(f"the agreement score compares samples, so it needs at least 2 (got {value}); use 4, "
+                             "or probe: prm")
+        return value
+
+
 class BenchConfig(_Strict):
     problems: ProblemsConfig = ProblemsConfig()
     policy: PolicyConfig = PolicyConfig()
@@ -123,6 +164,7 @@ class BenchConfig(_Strict):
     concurrency: int = Field(128, ge=1, description="problems in flight at once")
     subsets: int = Field(64, ge=1, description="random subsets per budget when subsampling the best-of-N family")
     output: str = Field("itscale-bench", description="folder for the store, exports, plots and report")
+    allocation: AllocationConfig | None = Field(None, description="learn a compute-optimal allocation after the sweep")
 
     @field_validator("budgets", "seeds")
     @classmethod
@@ -173,6 +215,8 @@ class BenchConfig(_Strict):
                 strategy = make_strategy(m.name, _UNBOUND, _UNBOUND, **m.params)
             except ValueError as err:
                 raise ValueError(f"{where}.params: {err}") from None
+            if getattr(strategy, "uses_prm", False) and not self.prm.enabled:  # (compute_optimal: its policy says)
+                raise ValueError(f"{where}: {m.name} with these params needs a reward model, but prm.model is 'none'")
             for b in m.budgets or ():  # (the sweep's budgets are fitted to the method: method_budgets)
                 try:
                     strategy.check_budget(b)
@@ -183,6 +227,19 @@ class BenchConfig(_Strict):
             if issubclass(cls, PooledStrategy) and m.budgets is not None:
                 raise ValueError(f"{where}.budgets: {m.name} is computed for every sweep budget from one pool; "
                                  "remove its budgets")
+        return self
+
+    @model_validator(mode="after")
+    def _allocation_learnable(self) -> "BenchConfig":
+        a = self.allocation
+        if a is None:
+            return self
+        if a.probe == "prm" and not self.prm.enabled:
+            raise ValueError("allocation.probe: 'prm' scores difficulty with the reward model, but prm.model is "
+                             "'none'; use probe: agreement")
+        if not self.allocation_options():
+            raise ValueError("allocation: the methods give it nothing to choose from (compute_optimal applies an "
+                             "allocation, it is not an option); add methods such as self_consistency or best_of_n")
         return self
 
     # -- derived -------------------------------------------------------------------
@@ -239,8 +296,20 @@ class BenchConfig(_Strict):
 
     def method_hash(self, m: MethodConfig, problem_set_fingerprint: str) -> str:
         """The store key part that changes whenever a record of ``m`` would change."""
-        spec = {"method": m.name, "params": m.params, "problems": problem_set_fingerprint, **self.backend_fingerprint()}
+        spec = {"method": m.name, "params": _params_key(m), "problems": problem_set_fingerprint,
+                **self.backend_fingerprint()}
         return _hash(spec)
+
+    def allocation_options(self) -> list[MethodConfig]:
+        """The methods an allocation may choose among (all but compute_optimal, which applies one)."""
+        return [m for m in self.methods if m.name not in _NOT_AN_OPTION]
+
+    def probe_hash(self, problem_set_fingerprint: str) -> str:
+        """The store key of the allocation probes: what a probe's outcome depends on."""
+        a = self.allocation or AllocationConfig()
+        probe = {"score": a.probe, "samples": a.probe_samples,
+                 "aggregation": a.aggregation if a.probe == "prm" else None}
+        return _hash({"probe": probe, "problems": problem_set_fingerprint, **self.backend_fingerprint()})
 
     def pool_hash(self, scoring: dict, problem_set_fingerprint: str) -> str:
         spec = {"pool": scoring, "problems": problem_set_fingerprint, **self.backend_fingerprint()}
@@ -250,6 +319,21 @@ class BenchConfig(_Strict):
 #: Settings added after stores existed, left out of the store key while at their defaults.
 _ADDED_LATER = {"dtype": "auto", "step_tag": None, "good_token": "+", "bad_token": "-", "positive_label": 1,
                 "template": None, "measure": "self-certainty"}
+
+
+#: Methods an allocation never chooses (compute_optimal applies a learnt allocation itself).
+_NOT_AN_OPTION = ("compute_optimal",)
+
+
+def _params_key(m: MethodConfig) -> dict:
+    """A method's params as its store key sees them: a policy file (compute_optimal's
+    ``allocation``) by its content, so that a new policy in the same file is new work."""
+    params = dict(m.params)
+    path = params.get("allocation")
+    if m.name == "compute_optimal" and isinstance(path, str) and Path(path).expanduser().is_file():
+        digest = hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
+        params["allocation"] = {"file": path, "sha256": digest}
+    return params
 
 
 class _Unbound:

@@ -106,8 +106,11 @@ def cost_totals(rows: Iterable[MetricRow]) -> dict:
 
 def write_report(rows: Sequence[MetricRow], path: str | Path, *, config: dict,
                  environment: dict, title: str = "itscale bench report",
-                 plots: Mapping[str, Path] | None = None, notes: Sequence[str] = ()) -> Path:
+                 plots: Mapping[str, Path] | None = None, notes: Sequence[str] = (), allocation=None) -> Path:
     """Write the HTML report to ``path`` and return it as a ``Path``.
+
+    ``allocation`` (an :class:`itscale.allocation.AllocationResult`) adds the section
+    "Compute-optimal allocation": one row per cost level, as ``itscale bench`` prints it.
 
     ``plots`` maps a key to a PNG file, as ``plots.plot_all`` returns: key "budget" becomes
     ``<img id="plot-budget">``, "tokens" ``<img id="plot-tokens">``, "frontier"
@@ -121,7 +124,7 @@ def write_report(rows: Sequence[MetricRow], path: str | Path, *, config: dict,
     else:
         images = {key: _data_uri(file) for key, file in (plots or {}).items()}
     document = render_report(rows, config=config, environment=environment, title=title,
-                             images=images, notes=notes)
+                             images=images, notes=notes, allocation=allocation)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(document, encoding="utf-8")
@@ -129,7 +132,7 @@ def write_report(rows: Sequence[MetricRow], path: str | Path, *, config: dict,
 
 
 def render_report(rows: Sequence[MetricRow], *, config: dict, environment: dict, title: str,
-                  images: Mapping[str, str], notes: Sequence[str] = ()) -> str:
+                  images: Mapping[str, str], notes: Sequence[str] = (), allocation=None) -> str:
     """The report as an HTML string; ``images`` maps a plot key to its ``data:`` URI."""
     config_json = json.dumps(config, indent=2, default=str, ensure_ascii=False)
     sections = [
@@ -139,6 +142,7 @@ def render_report(rows: Sequence[MetricRow], *, config: dict, environment: dict,
         "<h2>Metrics</h2>",
         _metrics_table(rows),
         _plots_section(images),
+        _allocation_section(allocation),
         "<h2>Cost</h2>",
         _cost_section(rows),
         "<h2>Configuration</h2>",
@@ -209,6 +213,29 @@ def _plots_section(images: Mapping[str, str]) -> str:
         f'alt="{escape(PLOT_ALT.get(key, f"plot: {key}"))}"></figure>'
         for key, uri in images.items())
     return f"<h2>Plots</h2>\n{figures}"
+
+
+def _allocation_section(allocation) -> str:
+    """The learnt allocation per cost level (:mod:`itscale.bench.allocation`), or nothing."""
+    if allocation is None:
+        return ""
+    from itscale.bench.allocation import CAPTION as ALLOCATION_CAPTION
+    from itscale.bench.allocation import COLUMNS as ALLOCATION_COLUMNS
+    from itscale.bench.allocation import allocation_rows, summary
+
+    header = "".join(_header_cell(label, numeric) for _, label, numeric in ALLOCATION_COLUMNS)
+    NUM = ' class="num"'
+    lines = []
+    for level, cells in zip(allocation.levels, allocation_rows(allocation)):
+        tds = "".join(f"<td{NUM if numeric else ''}>{escape(cells[key])}</td>"
+                      for key, _, numeric in ALLOCATION_COLUMNS)
+        lines.append(f'<tr data-budget="{level.budget}" data-feasible="{str(level.feasible).lower()}">{tds}</tr>')
+    notes = "".join(f"<li>{escape(note)}</li>" for note in allocation.notes)
+    return ("<h2>Compute-optimal allocation</h2>\n"
+            f'<p class="summary" id="allocation-summary">{escape(summary(allocation))}</p>\n'
+            f'<table id="allocation">\n<caption>{escape(ALLOCATION_CAPTION)}</caption>\n'
+            f"<thead><tr>{header}</tr></thead>\n<tbody>\n" + "\n".join(lines) + "\n</tbody>\n</table>"
+            + (f'\n<ul id="allocation-notes">{notes}</ul>' if notes else ""))
 
 
 def _cost_section(rows: Sequence[MetricRow]) -> str:

@@ -3,7 +3,9 @@
 Outputs in ``config.output``: ``bench.sqlite`` (the store), ``records.csv`` /
 ``records.jsonl`` (one row per problem × method × budget × seed), ``metrics.csv`` /
 ``metrics.jsonl`` (one row per method × budget), ``accuracy_vs_budget.png``,
-``accuracy_vs_tokens.png``, ``report.html`` and ``config.json``.
+``accuracy_vs_tokens.png``, ``report.html`` and ``config.json``; with an ``allocation:``
+section also ``allocation.json`` (the learnt policy) and ``allocation.csv``
+(:mod:`itscale.bench.allocation`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from rich.console import Console
 from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from .allocation import learn_allocation, missing_probes, print_allocation, run_probes, write_allocation
 from .config import BenchConfig
 from .grading import Grader
 from .metrics import MetricRow, summarize
@@ -41,6 +44,7 @@ class BenchOutcome:
     files: dict[str, Path] = field(default_factory=dict)
     errors: int = 0  # results whose run failed (a backend error, not a wrong answer)
     results: int = 0
+    allocation: object | None = None  # the learnt allocation (itscale.allocation.AllocationResult), if asked for
 
 
 def run_bench(config: BenchConfig, console: Console | None = None, *, title: str = "itscale bench",
@@ -68,21 +72,24 @@ def run_bench(config: BenchConfig, console: Console | None = None, *, title: str
         console.print(f"[yellow]{note}")
     with Store(folder / DB_NAME) as store:
         phases = plan(config, pset.problems, fingerprint, store)
+        probes = missing_probes(config, pset.problems, fingerprint, store) if config.allocation else []
         todo = sum(len(p.todo) for p in phases)
         if phases:
             console.print(f"{len(phases)} phases, {todo} problem runs to do "
                           f"({len(pset.problems)} problems × methods × budgets × seeds, minus what is stored)")
         else:
             console.print("nothing to do: every result is already in the store")
+        if probes:
+            console.print(f"{len(probes)} problems to probe for the compute-optimal allocation")
         run_id = store.start_run(config_dump, environment)
-        if phases:
+        if phases or probes:
             if backends is None:
                 from .backends import load_backends
 
                 with console.status("loading models"):
                     backends = load_backends(config)
             with Grader() as grader, _progress(console) as progress:
-                overall = progress.add_task("all phases", total=todo)
+                overall = progress.add_task("all phases", total=todo + len(probes))
                 tasks = {id(p): progress.add_task(p.label, total=len(p.todo), visible=False) for p in phases}
 
                 def on_progress(phase, n):
@@ -93,17 +100,41 @@ def run_bench(config: BenchConfig, console: Console | None = None, *, title: str
                     progress.update(tasks[id(phase)], visible=False)
                     progress.console.print(f"  {phase.label}: {len(phase.todo)} problems in {wall:.1f} s")
 
-                sweep = Sweep(config, backends, store, grader, run_id, on_progress)
-                run_phases(sweep, phases, on_phase)
+                if phases:
+                    sweep = Sweep(config, backends, store, grader, run_id, on_progress)
+                    run_phases(sweep, phases, on_phase)
+                if probes:
+                    started = time.perf_counter()
+                    probing = progress.add_task("allocation probes", total=len(probes))
+
+                    def on_probe(n):
+                        progress.advance(probing, n)
+                        progress.advance(overall, n)
+
+                    run_probes(config, backends, store, grader, probes, fingerprint, run_id, on_probe)
+                    progress.update(probing, visible=False)
+                    progress.console.print(f"  allocation probes: {len(probes)} problems in "
+                                           f"{time.perf_counter() - started:.1f} s")
         store.finish_run(run_id)
         selection = {(config.method_hash(m, fingerprint), m.key) for m in config.methods}
         wanted_ids, seeds = {p.id for p in pset.problems}, set(config.seeds)
         records = [r for r in store.records(selection) if r.problem_id in wanted_ids and r.seed in seeds
                    and r.budget in config.method_budgets(_method(config, r.method))]
+        allocation = None
+        if config.allocation:
+            try:
+                allocation = learn_allocation(config, pset.problems, records, store, fingerprint)
+            except ValueError as err:  # (too few problems, …): the sweep's outputs still come
+                console.print(Text(f"allocation: not learnt: {err}", style="red"))
     rows = summarize(records, [m.key for m in config.methods])
     wall = time.perf_counter() - t0
-    files = write_outputs(rows, records, folder, config_dump, environment, title, wall, len(pset.problems))
+    files = write_outputs(rows, records, folder, config_dump, environment, title, wall, len(pset.problems),
+                          allocation=allocation)
+    if allocation is not None:
+        files.update(write_allocation(allocation, folder, config))
     print_table(rows, console)
+    if allocation is not None:
+        print_allocation(allocation, console)
     console.print(f"wrote {', '.join(str(p) for p in files.values())}")
     errors = Counter(r.message for r in records if r.status == "error")
     if errors:  # a backend that failed is not a model that answers badly: say what it said
@@ -112,11 +143,11 @@ def run_bench(config: BenchConfig, console: Console | None = None, *, title: str
         for message, n in errors.most_common(3):
             console.print(Text(f"  {n}× {message}", style="red"))
     return BenchOutcome(rows, folder, wall, len(phases), len(pset.problems), pset.skipped, files,
-                        errors=sum(errors.values()), results=len(records))
+                        errors=sum(errors.values()), results=len(records), allocation=allocation)
 
 
 def write_outputs(rows, records, folder: Path, config: dict, environment: dict, title: str, wall: float,
-                  n_problems: int) -> dict[str, Path]:
+                  n_problems: int, allocation=None) -> dict[str, Path]:
     files = {"records.csv": export_csv(records, folder / "records.csv"),
              "records.jsonl": export_jsonl(records, folder / "records.jsonl")}
     files["metrics.csv"] = _write_metrics_csv(rows, folder / "metrics.csv")
@@ -127,7 +158,7 @@ def write_outputs(rows, records, folder: Path, config: dict, environment: dict, 
     files.update({p.name: p for p in plots.values()})
     notes = [f"{n_problems} problems; this invocation took {wall:.1f} s (including model loading)"]
     files["report.html"] = write_report(rows, folder / "report.html", config=config, environment=environment,
-                                        title=title, plots=plots, notes=notes)
+                                        title=title, plots=plots, notes=notes, allocation=allocation)
     return files
 
 

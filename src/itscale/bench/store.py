@@ -4,7 +4,9 @@ A *record* is keyed by ``(config_hash, problem_id, method, budget, seed)``, wher
 ``config_hash`` covers everything the record depends on besides those four (the method's
 parameters, models, sampling settings, step format, problem set). A *pool* is the N whole
 samples of one problem and seed that the best-of-N family is subsampled from; it is
-written in the same transaction as every record derived from it.
+written in the same transaction as every record derived from it. A *probe* is one problem's
+difficulty probe for a compute-optimal allocation (:mod:`itscale.bench.allocation`), keyed by
+``(probe_hash, problem_id, seed)``.
 
 Every write is its own transaction, committed before the next unit of work starts, so
 a run killed at any moment (even with SIGKILL) loses at most the unit in flight; a rerun
@@ -52,6 +54,22 @@ CREATE TABLE IF NOT EXISTS pools (
     created REAL NOT NULL,
     PRIMARY KEY (pool_hash, problem_id, seed, n)
 );
+CREATE TABLE IF NOT EXISTS probes (
+    probe_hash TEXT NOT NULL,
+    problem_id TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    difficulty REAL NOT NULL,
+    generated_tokens REAL NOT NULL,
+    prm_tokens REAL NOT NULL,
+    answer TEXT,
+    correct REAL NOT NULL,
+    status TEXT NOT NULL,
+    message TEXT NOT NULL DEFAULT '',
+    detail TEXT NOT NULL DEFAULT '{}',
+    run_id INTEGER,
+    created REAL NOT NULL,
+    PRIMARY KEY (probe_hash, problem_id, seed)
+);
 CREATE TABLE IF NOT EXISTS runs (
     run_id INTEGER PRIMARY KEY AUTOINCREMENT,
     started REAL NOT NULL,
@@ -91,6 +109,28 @@ class Record:
 
 
 _COLUMNS = [f.name for f in fields(Record)]
+
+
+@dataclass(frozen=True)
+class ProbeRecord:
+    """One problem's difficulty probe: its score, what it spent, and its own (graded) answer."""
+
+    probe_hash: str
+    problem_id: str
+    seed: int
+    difficulty: float
+    generated_tokens: float
+    prm_tokens: float
+    answer: str | None           # the probe's own vote
+    correct: float               # 1/0: whether that answer is right
+    status: str                  # "ok" or "error" (an error is retried by the next run)
+    message: str = ""
+    detail: str = "{}"           # JSON: the k answers (and PRM scores)
+    run_id: int | None = None
+    created: float = 0.0
+
+
+_PROBE_COLUMNS = [f.name for f in fields(ProbeRecord)]
 
 
 class Store:
@@ -140,6 +180,13 @@ class Store:
             self.db.executemany(f"INSERT OR REPLACE INTO records ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
                                 rows)
 
+    def add_probe(self, probe: ProbeRecord) -> None:
+        """Insert (or replace) one problem's probe in its own transaction."""
+        row = tuple(getattr(probe, c) if c != "created" else time.time() for c in _PROBE_COLUMNS)
+        with self._transaction():
+            self.db.execute(f"INSERT OR REPLACE INTO probes ({', '.join(_PROBE_COLUMNS)}) "
+                            f"VALUES ({', '.join('?' * len(_PROBE_COLUMNS))})", row)
+
     def set_wall_time(self, keys: Iterable[tuple], seconds: Sequence[float]) -> None:
         """Fill in per-problem wall time once the phase that produced ``keys`` has ended."""
         with self._transaction():
@@ -175,6 +222,12 @@ class Store:
             wanted = set(selection)
             out = [r for r in out if (r.config_hash, r.method) in wanted]
         return out
+
+    def probes(self, probe_hash: str, seed: int) -> dict[str, ProbeRecord]:
+        """The stored probes of one probe configuration and seed, by problem id (errors included)."""
+        cur = self.db.execute(f"SELECT {', '.join(_PROBE_COLUMNS)} FROM probes WHERE probe_hash = ? AND seed = ?",
+                              (probe_hash, seed))
+        return {row[1]: ProbeRecord(*row) for row in cur}
 
     def pool(self, pool_hash: str, problem_id: str, seed: int, n: int) -> list[dict] | None:
         row = self.db.execute("SELECT samples FROM pools WHERE pool_hash = ? AND problem_id = ? AND seed = ? AND n = ?",

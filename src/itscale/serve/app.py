@@ -258,7 +258,8 @@ def create_app(engine: Engine, config: ServeConfig, keys: KeyRing, state: Server
         req = parse_body(kind, body)
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         job = resolve(req, job_id=prefix + secrets.token_hex(12), config=config, base_model=engine.model_name,
-                      limits=key.limits, key_name=key.name, prm_enabled=engine.prm is not None)
+                      limits=key.limits, key_name=key.name, prm_enabled=engine.prm is not None,
+                      allocation=engine.allocation)
         return engine.prepare(job)
 
     async def answer(request: Request, run: Run, task: asyncio.Task, ticket: Ticket, started: float) -> Response:

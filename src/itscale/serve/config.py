@@ -78,6 +78,8 @@ class ServeConfig(BaseModel):
     step_tokens: int = Field(48, ge=1, description="token limit of one step")
     default_method: str = "particle_filtering"
     default_budget: int = Field(8, ge=1)
+    allocation: str | None = Field(None, description="a learnt compute-optimal allocation (allocation.json): enables "
+                                                     "the compute_optimal method")
     limits: Limits = Limits()
     # network and load
     host: str = "127.0.0.1"
@@ -105,6 +107,12 @@ class ServeConfig(BaseModel):
         if self.prm_enabled is False and STRATEGIES[self.default_method].needs_prm:
             raise ValueError(f"default_method: {self.default_method} needs a reward model but prm is 'none'; "
                              "choose e.g. self_consistency")
+        if self.allocation is not None:
+            self.allocation_policy()  # (raises, naming the option)
+        elif self.default_method == "compute_optimal":
+            raise ValueError("default_method: compute_optimal applies a learnt allocation; start the server with "
+                             "--allocation FILE (the allocation.json of an `itscale bench` run with an `allocation:` "
+                             "section)")
         if self.default_budget > self.limits.max_budget:
             raise ValueError(f"default_budget: {self.default_budget} exceeds max_budget {self.limits.max_budget}")
         if self.format is not None and self.format not in FORMATS:
@@ -123,6 +131,21 @@ class ServeConfig(BaseModel):
                     message = message.split(":", 1)[1].lstrip()
                 raise ValueError(f"{flag}: {message}") from None
         return self
+
+    def allocation_policy(self):
+        """The loaded ``--allocation`` policy (None without one), checked against the models: a
+        ``ValueError`` naming ``allocation`` when it cannot be read or needs the PRM ``--prm none`` lacks."""
+        if self.allocation is None:
+            return None
+        from ..allocation import AllocationError, load_allocation
+        from ..strategies.compute_optimal import check_allocation
+
+        try:
+            policy = load_allocation(self.allocation)
+            check_allocation(policy, self.prm_enabled)
+        except (AllocationError, ValueError) as err:
+            raise ValueError(f"allocation: {err}") from None
+        return policy
 
     def policy_spec(self) -> PolicySpec:
         """The policy as a backend spec (:mod:`itscale.backends.spec`)."""

@@ -247,7 +247,7 @@ class Engine:
     :class:`~itscale.protocols.ProcessRewardModel` (``prm`` may be ``None``)."""
 
     def __init__(self, policy, prm, step_format: StepFormat, model_name: str, description: dict | None = None,
-                 cache_isolation: str = "shared"):
+                 cache_isolation: str = "shared", allocation: Any = None):
         if cache_isolation not in CACHE_ISOLATION:
             raise ValueError(f"cache_isolation must be one of {', '.join(CACHE_ISOLATION)}, got {cache_isolation!r}")
         self.cache_isolation = cache_isolation
@@ -261,6 +261,7 @@ class Engine:
         self.description = description or {}
         self.generated_tokens = 0  # every token generated for any request, finished or not
         self.policy_calls = 0
+        self.allocation = allocation  # the learnt allocation compute_optimal applies (--allocation), if any
 
     @classmethod
     def load(cls, config: ServeConfig, log: Callable[[str], None] = lambda m: None) -> "Engine":
@@ -280,7 +281,12 @@ class Engine:
         if prm is not None:
             description["prm"] = describe(prm_spec, prm)
         remote = policy.model if policy_spec.is_http else None  # the served name
-        return cls(policy, prm, fmt, config.model_name(remote), description, cache_isolation=config.cache_isolation)
+        allocation = config.allocation_policy()
+        if allocation is not None:
+            log(f"compute_optimal: allocation {config.allocation!r}, {allocation.bins} difficulty bins, cost levels "
+                f"at budgets {', '.join(map(str, allocation.budgets))}")
+        return cls(policy, prm, fmt, config.model_name(remote), description, cache_isolation=config.cache_isolation,
+                   allocation=allocation)
 
     def prepare(self, job: Job) -> Run:
         """Bind the job's method to this request's view of the backends. A budget the method
@@ -295,9 +301,12 @@ class Engine:
                                report_prefill=isolated)
         prm = (RequestPRM(self.prm, progress, encoder=self.prm_encoder, namespace=namespace)
                if self.prm is not None else None)
+        server_params = {}
+        if job.method == "compute_optimal":  # the server's learnt allocation (jobs.resolve refused it without one)
+            server_params["allocation"] = self.allocation
         try:
             strategy = make_strategy(job.method, policy, prm, format=self.format, sampling=job.sampling,
-                                     **job.params)
+                                     **job.params, **server_params)
         except ValueError as err:
             raise invalid(f"itscale.params: {err}", "itscale.params") from None
         if not strategy.fits(job.budget):
@@ -316,7 +325,23 @@ class Engine:
                                else f"; it takes no budget up to this key's limit of {job.max_budget}")
                     raise invalid(f"{job.budget_param}: {err}{options}", job.budget_param,
                                   "budget_not_supported") from None
+        if server_params:
+            self.check_allocation_budget(job, strategy)
         return Run(job, strategy, policy, progress)
+
+    @staticmethod
+    def check_allocation_budget(job: Job, strategy) -> None:
+        """A key's ``max_budget`` bounds every method budget a compute_optimal request may run:
+        the level its budget selects must not run any bin above the limit (a 400 otherwise)."""
+        level = strategy.level_for(job.budget)
+        if level.max_budget > job.max_budget:
+            allowed = [lv.budget for lv in strategy.params.allocation.levels if lv.max_budget <= job.max_budget]
+            hint = (f"the levels within it are at budgets {', '.join(map(str, allowed))}" if allowed
+                    else "no learnt level fits this key's limit; choose another method")
+            raise invalid(f"{job.budget_param}: compute_optimal at budget {job.budget} uses the cost level learnt for "
+                          f"budget {level.budget}, whose bins run methods at budgets up to {level.max_budget}, over "
+                          f"this API key's limit of {job.max_budget}; {hint}", job.budget_param,
+                          "budget_exceeds_limit")
 
     def check_context(self, job: Job) -> None:
         """A 400 naming the context limit when the prompt leaves the model no room to answer

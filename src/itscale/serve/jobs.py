@@ -31,6 +31,8 @@ from .methods import parse_model, resolve_method
 from .schemas import ChatRequest, CompletionRequest
 
 _RESERVED_PARAMS = ("format", "sampling", "answer_key", "policy", "prm", "outcome")
+#: The method that needs the server's learnt allocation (``--allocation``).
+COMPUTE_OPTIMAL = "compute_optimal"
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,13 @@ def _pick(from_body, from_suffix, param: str, what: str):
 
 
 def resolve(request: ChatRequest | CompletionRequest, *, job_id: str, config: ServeConfig, base_model: str,
-            limits: Limits, key_name: str, prm_enabled: bool) -> Job:
-    """The job of a validated request; raises :class:`~itscale.serve.errors.ApiError`."""
+            limits: Limits, key_name: str, prm_enabled: bool, allocation: Any = None) -> Job:
+    """The job of a validated request; raises :class:`~itscale.serve.errors.ApiError`.
+
+    ``allocation`` is the server's learnt allocation policy (``--allocation``), which the
+    ``compute_optimal`` method needs: without one that method is a 400 ``method_unavailable``;
+    with one, a request may choose its ``level`` but never its ``allocation`` (the server's
+    file, not a path a client names)."""
     kind = "chat" if isinstance(request, ChatRequest) else "completion"
     bad = request.unsupported()
     if bad is not None:
@@ -105,8 +112,17 @@ def resolve(request: ChatRequest | CompletionRequest, *, job_id: str, config: Se
     reserved = sorted(set(params) & set(_RESERVED_PARAMS))
     if reserved:
         raise invalid(f"itscale.params.{reserved[0]}: set by the server, not per request", f"itscale.params.{reserved[0]}")
+    server_params = {}
+    if method == COMPUTE_OPTIMAL:
+        if allocation is None:
+            raise invalid(f"{method_param}: {method} applies a learnt allocation, and this server was started "
+                          "without one (--allocation FILE); choose another method", method_param, "method_unavailable")
+        if "allocation" in params:
+            raise invalid("itscale.params.allocation: set by the server (--allocation), not per request",
+                          "itscale.params.allocation")
+        server_params = {"allocation": allocation}
     try:
-        cls.Params(**params)
+        cls.Params(**params, **server_params)
     except ValidationError as err:
         raise from_validation(err, "itscale.params") from None
 

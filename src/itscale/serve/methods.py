@@ -36,6 +36,7 @@ ALIASES: dict[str, str] = {
     "er": "early_rejection",
     "ffs": "first_finish",
     "shortest": "first_finish",
+    "cob": "compute_optimal",
 }
 
 _SUFFIX = re.compile(r"^(?P<method>[A-Za-z][A-Za-z_]*)(?:-(?P<budget>\d+))?$")

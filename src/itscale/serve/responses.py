@@ -41,6 +41,7 @@ The ``itscale`` block has the full :class:`~itscale.types.Cost`, under the same 
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any, Iterator
 
@@ -105,7 +106,28 @@ def itscale_block(run: Run, result: Result, queued_s: float) -> dict[str, Any]:
         "cost": result.cost.as_dict(),
         "queued_s": round(queued_s, 4),
         "warnings": list(job.warnings),
+        "extras": jsonable(dict(result.extras)),
     }
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as strict JSON can hold it: numpy scalars as numbers, NaN and infinities as
+    ``None``, tuples and sets as lists, anything else unknown as its text."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if not math.isfinite(number):
+        return None
+    return int(number) if hasattr(value, "dtype") and getattr(value.dtype, "kind", "") in "iu" else number
 
 
 def response_body(run: Run, result: Result, queued_s: float) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from . import (
     a_star,
     beam_search,
     best_of_n,
+    compute_optimal,
     early_rejection,
     first_finish,
     greedy,
@@ -28,5 +29,5 @@ from .runner import map_batched, problem_seed, run_many
 __all__ = ["STRATEGIES", "PooledStrategy", "RunContext", "StepFormat", "Strategy", "make_strategy", "map_batched",
            "problem_seed", "run_many"]
 
-del (a_star, beam_search, best_of_n, early_rejection, first_finish, greedy, mcts, parallel_tempering,
+del (a_star, beam_search, best_of_n, compute_optimal, early_rejection, first_finish, greedy, mcts, parallel_tempering,
      particle_filtering, particle_gibbs, rpc, self_consistency)
