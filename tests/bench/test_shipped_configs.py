@@ -35,9 +35,11 @@ def _needs_a_learnt_policy(name: str) -> bool:
 def test_the_scaling_study_covers_every_method_at_budgets_1_to_64():
     config = load_config(SCALING)
     assert config.problems.limit >= 300 and config.problems.source == "arithmetic:medium"
-    runnable = {name for name in STRATEGIES if not _needs_a_learnt_policy(name)}
-    assert runnable == set(STRATEGIES) - {"compute_optimal"}  # (only compute_optimal needs one)
-    assert {m.name for m in config.methods} == runnable  # every registered method that runs without a learnt policy
+    runnable = {name for name in STRATEGIES if not _needs_a_learnt_policy(name)
+                and STRATEGIES[name].prm_kind in (None, config.prm.kind)}
+    # compute_optimal needs a learnt policy; self_certainty reads the confidence PRM, not this study's tag PRM
+    assert runnable == set(STRATEGIES) - {"compute_optimal", "self_certainty"}
+    assert {m.name for m in config.methods} == runnable  # every registered method this study's models can run
     for m in config.methods:
         budgets = m.budgets or config.budgets
         assert max(budgets) == 64, m.key

@@ -43,7 +43,7 @@ def test_every_method_of_design_5_is_registered():
         # issue 18: the search methods of the seed papers
         "a_star", "early_rejection", "first_finish", "mcts", "entropic_particle_filtering",
         # issue 19: confidence and consistency
-        "beta_self_consistency", "rpc",
+        "beta_self_consistency", "rpc", "deepconf", "deepconf_online", "self_certainty",
         # issue 19: compute-optimal allocation
         "compute_optimal",
     }

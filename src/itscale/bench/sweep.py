@@ -72,11 +72,12 @@ def plan(config: BenchConfig, problems: Sequence[Problem], fingerprint: str, sto
                 todo = [p for p in problems if p.id not in done]
                 if todo:
                     phases.append(Phase("run", [m], b, seed, todo, {m.key: h}))
-    for aggregation, group in _pool_groups(pooled).items():
+    for (aggregation, needs), group in _pool_groups(pooled).items():
         scored = any(STRATEGIES[m.name].scored for m in group)
         n = max(config.budgets)
         hashes = {m.key: config.method_hash(m, fingerprint) for m in group}
-        pool_hash = config.pool_hash({"n": n, "aggregation": aggregation if scored else None}, fingerprint)
+        key = {"n": n, "aggregation": aggregation if scored else None, **({"needs": needs} if needs else {})}
+        pool_hash = config.pool_hash(key, fingerprint)
         for seed in config.seeds:
             missing: set[str] = set()
             for m in group:
@@ -88,18 +89,23 @@ def plan(config: BenchConfig, problems: Sequence[Problem], fingerprint: str, sto
     return phases
 
 
-def _pool_groups(pooled: list[MethodConfig]) -> dict[str, list[MethodConfig]]:
-    """Pooled methods grouped by the score aggregation they need (unscored ones join the first)."""
-    groups: dict[str, list[MethodConfig]] = {}
+def _pool_groups(pooled: list[MethodConfig]) -> dict[tuple[str, str], list[MethodConfig]]:
+    """Pooled methods grouped by the score aggregation they need and what their samples must
+    carry (``PooledStrategy.pool_key``); unscored ones join the first group with their key."""
+    groups: dict[tuple[str, str], list[MethodConfig]] = {}
     unscored = []
     for m in pooled:
-        if STRATEGIES[m.name].scored:
-            groups.setdefault(m.params.get("aggregation", "last"), []).append(m)
+        cls = STRATEGIES[m.name]
+        needs = cls.pool_key(m.params)
+        if cls.scored:
+            groups.setdefault((m.params.get("aggregation", "last"), needs), []).append(m)
         else:
-            unscored.append(m)
-    if unscored:
-        first = next(iter(groups), "last")
-        groups[first] = unscored + groups.get(first, [])
+            unscored.append((needs, m))
+    for needs, m in unscored:
+        key = next((k for k in groups if k[1] == needs), ("last", needs))
+        groups.setdefault(key, [])
+        groups[key] = [x for x in groups[key] if not STRATEGIES[x.name].scored] + [m] + \
+            [x for x in groups[key] if STRATEGIES[x.name].scored]
     return groups
 
 

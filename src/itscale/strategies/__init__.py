@@ -12,6 +12,7 @@ from . import (
     beam_search,
     best_of_n,
     compute_optimal,
+    deepconf,
     early_rejection,
     first_finish,
     greedy,
@@ -20,6 +21,7 @@ from . import (
     particle_filtering,
     particle_gibbs,
     rpc,
+    self_certainty,
     self_consistency,
 )
 from .base import STRATEGIES, PooledStrategy, Strategy, make_strategy
@@ -29,5 +31,5 @@ from .runner import map_batched, problem_seed, run_many
 __all__ = ["STRATEGIES", "PooledStrategy", "RunContext", "StepFormat", "Strategy", "make_strategy", "map_batched",
            "problem_seed", "run_many"]
 
-del (a_star, beam_search, best_of_n, compute_optimal, early_rejection, first_finish, greedy, mcts, parallel_tempering,
-     particle_filtering, particle_gibbs, rpc, self_consistency)
+del (a_star, beam_search, best_of_n, compute_optimal, deepconf, early_rejection, first_finish, greedy,
+     mcts, parallel_tempering, particle_filtering, particle_gibbs, rpc, self_certainty, self_consistency)

@@ -60,6 +60,7 @@ class Strategy(ABC):
     name: ClassVar[str]
     Params: ClassVar[type[Params]] = Params
     needs_prm: ClassVar[bool] = False
+    prm_kind: ClassVar[str | None] = None  # the PRM kind the method reads (self_certainty: "confidence"), if only one
 
     def __init__(
         self,
@@ -180,6 +181,12 @@ class PooledStrategy(Strategy):
     as is standard for the best-of-N family."""
 
     scored: ClassVar[bool] = False  # whether select() reads PRM/outcome scores
+
+    @classmethod
+    def pool_key(cls, params: dict) -> str:
+        """What a pool drawn for this method needs beyond plain samples ("" if nothing), e.g.
+        ``"top_logprobs=20"``: the bench shares a pool only among methods with the same key."""
+        return ""
 
     async def _run(self, ctx: RunContext, budget: int) -> Result:
         particles, scores = await self.sample_pool(ctx, budget)

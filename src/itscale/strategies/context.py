@@ -46,14 +46,12 @@ class RunContext:
     scored: dict[str, float] = field(default_factory=dict)  # solution text -> its latest aggregated PRM score
 
     # -- policy ---------------------------------------------------------------------
-    def _params(self, temperature: float | None = None) -> SamplingParams:
+    def _params(self, temperature: float | None = None, stop_below=None) -> SamplingParams:
+        """The run's sampling settings (``top_logprobs`` included) with a fresh seed from the
+        run's rng; ``temperature`` and ``stop_below`` override for this request."""
         p = self.sampling
-        return SamplingParams(
-            temperature=p.temperature if temperature is None else temperature,
-            top_p=p.top_p,
-            max_step_tokens=p.max_step_tokens,
-            seed=int(self.rng.integers(2**31 - 1)),
-        )
+        return replace(p, temperature=p.temperature if temperature is None else temperature,
+                       seed=int(self.rng.integers(2**31 - 1)), stop_below=stop_below or p.stop_below)
 
     async def _generate(self, requests: list[StepRequest]) -> list[list[Step]]:
         outputs = await self.policy.generate_steps(requests)
@@ -106,14 +104,14 @@ class RunContext:
             raise ValueError("propose_whole samples whole solutions from the empty one; got a partial solution")
         return Proposed(await self.sample_full(len(particles)), [True] * len(particles))
 
-    async def sample_full(self, n: int, temperature: float | None = None) -> list[Particle | None]:
+    async def sample_full(self, n: int, temperature: float | None = None, stop_below=None) -> list[Particle | None]:
         """n whole solutions from one request (``stop=()``), split into steps.
 
         A whole solution may be as long as a step-level method could make it:
         ``max_step_tokens × format.max_steps`` tokens."""
         if n == 0:
             return []
-        params = self._params(temperature)
+        params = self._params(temperature, stop_below)
         params = replace(params, max_step_tokens=params.max_step_tokens * self.format.max_steps)
         request = StepRequest(self.problem, (), n, params, ())
         (outputs,) = await self._generate([request])
@@ -172,7 +170,7 @@ class RunContext:
         texts = self.format.split(completion.text)
         steps = [Step(t) for t in texts[:-1]] + [
             Step(texts[-1], completion.tokens, completion.prompt_tokens, completion.prefilled_tokens,
-                 completion.logprob, completion.finish_reason)
+                 completion.logprob, completion.finish_reason, top_logprobs=completion.top_logprobs)
         ]
         return Particle(self.problem, tuple(steps), finished=True)
 
