@@ -1,9 +1,8 @@
 """The embedded demo (``itscale demo``, ``make demo``): the standard comparison on a laptop.
 
-Greedy decoding, majority vote, best-of-N, weighted best-of-N, beam search, DVTS,
-particle filtering, and the search methods A*-decoding, early rejection, Monte Carlo tree
-search and first-finish search on held-out medium arithmetic problems at budgets 1-16, with
-the policy and PRM shipped in :mod:`itscale.zoo`. Beam search and DVTS need the budget to
+Greedy decoding, majority vote, best-of-N, weighted best-of-N, beam search, DVTS and
+particle filtering on held-out medium arithmetic problems at budgets 1-16, with the
+policy and PRM shipped in :mod:`itscale.zoo`. Beam search and DVTS need the budget to
 be a multiple of the beam width, so they use width 2 and start at budget 2.
 
 Every PRM-guided method reads a solution's score as its lowest step score
@@ -40,10 +39,6 @@ def demo_config(output: str = "itscale-demo", problems: int = 100, policy: str =
             {"name": "beam_search", "params": {"beam_width": 2, **SCORE}, "budgets": [b for b in BUDGETS if b >= 2]},
             {"name": "dvts", "params": {"beam_width": 2, **SCORE}, "budgets": [b for b in BUDGETS if b >= 2]},
             {"name": "particle_filtering", "params": SCORE},
-            {"name": "a_star", "params": SCORE},
-            {"name": "early_rejection", "params": SCORE},
-            {"name": "mcts", "params": SCORE},
-            {"name": "first_finish"},
         ],
         "budgets": BUDGETS,
         "seeds": [0],
