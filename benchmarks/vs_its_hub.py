@@ -394,7 +394,7 @@ async def check_same_prompt(s: Settings) -> None:
     tokens on this server (the premise of the comparison; see the module docstring)."""
     import httpx
 
-    policy, prm = backends(s.policy_url, s.prm_url, 1)
+    policy, prm = backends(s.policy_url, s.prm_url, 1, kv_block=None)  # the plain generator: it has context_text
     gen = policy.inner
     problem, prefix = s.problems[0], "1+1=2" + arithmetic.DELIMITER
     base = s.policy_url.rstrip("/")
