@@ -57,7 +57,6 @@ def test_pruning_drops_the_low_probability_mode_only():
 
 
 def test_small_pools_are_not_pruned():
-    rng = np.random.default_rng(1)
     pool = [path(str(i), math.log(v), tag=str(i)) for i, v in enumerate([0.9, 0.85, 0.1])]
     _, pruned = rpc_weights(pool)  # 3 < min_prune = 4: a mixture of two needs more data
     assert pruned == 0
