@@ -239,11 +239,7 @@ def choose(cands: Sequence[Candidate], selection: str, key: Callable, rng: np.ra
     if selection == "argmax":
         top = np.flatnonzero(w >= w.max() * (1 - 1e-12))
         return cands[int(top[rng.integers(top.size)])]
-    totals: dict[Any, float] = {}
-    for c in cands:
-        k = key(c.answer)
-        if k is not None:
-            totals[k] = totals.get(k, 0.0) + c.weight
+    totals = vote_totals(cands, key)
     if not totals:
         return choose(cands, "argmax", key, rng)
     best = max(totals.values())
@@ -251,6 +247,16 @@ def choose(cands: Sequence[Candidate], selection: str, key: Callable, rng: np.ra
     winner = tied[int(rng.integers(len(tied)))]
     members = [c for c in cands if key(c.answer) == winner]
     return max(members, key=lambda c: c.weight)
+
+
+def vote_totals(cands: Sequence[Candidate], key: Callable) -> dict[Any, float]:
+    """The total weight of each answer (grouped by ``key``; candidates without an answer vote for none)."""
+    totals: dict[Any, float] = {}
+    for c in cands:
+        k = key(c.answer)
+        if k is not None:
+            totals[k] = totals.get(k, 0.0) + c.weight
+    return totals
 
 
 def _n_params(backend) -> int | None:

@@ -37,7 +37,7 @@ from pydantic import Field
 
 from ..lm import confidence as conf
 from ..types import ConfidenceStop, Particle, Problem, Result
-from .base import Params, PooledStrategy, Strategy, candidates, register
+from .base import Params, PooledStrategy, Strategy, candidates, register, vote_totals
 from .context import RunContext
 
 Measure = Literal["lowest_group", "bottom_group", "tail", "average"]
@@ -137,9 +137,5 @@ class DeepConfOnline(Strategy):
         """The leading answer's share of the confidence-weighted vote (0 with no voter)."""
         if not voters:
             return 0.0
-        totals: dict = {}
-        for c in candidates([x for x, _ in voters], [max(w, 1e-12) for _, w in voters]):
-            key = self.answer_key(c.answer)
-            totals[key] = totals.get(key, 0.0) + c.weight
-        totals.pop(None, None)
-        return max(totals.values(), default=0.0)
+        cands = candidates([x for x, _ in voters], [max(w, 1e-12) for _, w in voters])
+        return max(vote_totals(cands, self.answer_key).values(), default=0.0)
