@@ -374,15 +374,14 @@ def test_a_race_cancels_the_losing_requests_on_the_server(policy_url, request):
     assert winner.text == full[out.index].text and winner.tokens == lengths[out.index]  # seeded: that very sample
     assert winner.tokens <= min(lengths) + 8  # the first to complete is (about) the shortest
     # On a quiet machine the client cancels every long sample (measured: 256-268 tokens generated of
-    # 568); a client starved of CPU sees the first reply late and cancels fewer, so what is asserted
-    # is what the client controls: what it cancelled, the server never finished.
+    # 568). What the client counts as cancelled is what it had not read to the end when it closed the
+    # stream: a sample a few tokens longer than the winner may already have finished on the server
+    # (CI, loaded: 7 cancelled, 3 finished), and a client starved of CPU closes late, so the server
+    # runs on for a while. Asserted is what holds however late the client is, short of seconds: the
+    # server did not finish every sample, and generated fewer tokens than the 8 samples run to the end.
     assert out.cancelled >= 1 and gen.http.usage.cancelled >= out.cancelled
-    assert finished <= k - out.cancelled  # the server aborted the cancelled samples
-    assert finished >= 1
-    # the client counted what it received; the server may have generated a few more per cancelled
-    # sample before it saw the client go (measured: 0 to 5 each)
-    assert out.spent_tokens <= generated <= out.spent_tokens + 24 * out.cancelled
-    assert generated < sum(lengths)  # fewer than the 8 samples run to the end (far fewer when quiet)
+    assert 1 <= finished < k  # the server aborted at least one sample when its connection closed
+    assert out.spent_tokens <= generated < sum(lengths)
     measured = (f"the server generated {generated:.0f} tokens (the client counted {out.spent_tokens}) against "
                 f"{sum(lengths)} for the samples run to the end (lengths {lengths}); {out.cancelled} cancelled, "
                 f"{finished:.0f} finished")
