@@ -25,6 +25,10 @@ OpenAI HTTP API (vLLM, llama.cpp's server, hosted APIs):
   own message (``{"error": {"message": …}}``, ``{"detail": …}`` or the raw text), plus
   a hint at the usual fix.
 - **Usage.** :attr:`EndpointPool.usage` sums the ``usage`` blocks of all responses.
+- **Load per URL.** :meth:`EndpointPool.endpoint_counts` tells, for each base URL, the
+  attempts sent to it (retries included), those that failed there (an error status, no
+  response, a broken stream), and the requests in flight there now: what a server in
+  front of several replicas of a model shows per replica (``itscale serve``'s ``/metrics``).
 - **Streaming.** :meth:`EndpointPool.post_stream` posts a body that asks for a stream
   (``"stream": true``) and reads the server-sent events, one JSON object per ``data:``
   line up to ``data: [DONE]``, handing each to a callback as it arrives; the reply is the
@@ -55,7 +59,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-__all__ = ["BackendError", "EndpointPool", "Reply", "Usage", "merge_events", "normalize_base_url"]
+__all__ = ["BackendError", "EndpointCount", "EndpointPool", "Reply", "Usage", "merge_events", "normalize_base_url"]
 
 #: Transport failures worth retrying: the request may well succeed next time.
 RETRYABLE_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
@@ -122,6 +126,15 @@ class Usage:
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+class EndpointCount(NamedTuple):
+    """What one base URL of a pool has seen (:meth:`EndpointPool.endpoint_counts`)."""
+
+    url: str  # the base URL, as normalized
+    requests: int  # attempts sent to it, retries included (a counter)
+    errors: int  # of those, attempts that failed there: an error status, no response, a bad stream (a counter)
+    in_flight: int  # attempts waiting for its answer now (a gauge)
 
 
 class Reply(NamedTuple):
@@ -261,6 +274,8 @@ class EndpointPool:
         self.transport = transport
         self.usage = Usage()
         self.in_flight = [0] * len(self.base_urls)
+        self.sent = [0] * len(self.base_urls)  # attempts sent to each base URL (retries included)
+        self.failed = [0] * len(self.base_urls)  # attempts that failed at each base URL
         self._turn = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._clients: list[httpx.AsyncClient] = []
@@ -296,6 +311,12 @@ class EndpointPool:
         best = min(order, key=lambda i: self.in_flight[i])  # first minimum in round-robin order
         self._turn = (best + 1) % n
         return best
+
+    def endpoint_counts(self) -> list[EndpointCount]:
+        """Per base URL, in order: the attempts sent to it and failed there (counters since the
+        pool was made) and those in flight there now (see "Load per URL" in the module docstring)."""
+        return [EndpointCount(url, sent, failed, max(0, busy))
+                for url, sent, failed, busy in zip(self.base_urls, self.sent, self.failed, self.in_flight)]
 
     def url(self, index: int, path: str) -> str:
         base = self.base_urls[index]
@@ -388,17 +409,22 @@ class EndpointPool:
                 index = self._pick()
                 endpoint = self.url(index, path)
                 self.in_flight[index] += 1
+                self.sent[index] += 1
                 retry_after = None
                 try:
                     return await once(client, endpoint)
                 except RETRYABLE_ERRORS as err:
+                    self.failed[index] += 1
                     error = BackendError(endpoint, None, f"{type(err).__name__}: {err}".rstrip(": "))
                 except _Retry as retry:
+                    self.failed[index] += 1
                     error, retry_after = retry.error, retry.retry_after
                 except BackendError:
+                    self.failed[index] += 1
                     self.usage.failures += 1
                     raise
                 except httpx.HTTPError as err:  # bad URL, unsupported protocol…: retrying cannot help
+                    self.failed[index] += 1
                     self.usage.failures += 1
                     raise BackendError(endpoint, None, f"{type(err).__name__}: {err}") from err
                 finally:
