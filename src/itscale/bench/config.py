@@ -28,6 +28,10 @@ Example (YAML)::
       bins: 5
       train_fraction: 0.5
       budgets: [4, 8, 16]            # cost levels, in whole samples per problem (default: the sweep's)
+    ray:                             # optional: run the work units on a Ray cluster (itscale.bench.ray_sweep)
+      address: "10.0.0.1:6379"       # a running cluster's GCS address (`ray start --head`); omit: RAY_ADDRESS or a local one
+      workers: 16                    # actors, each loading the backends once (default: the cluster's CPUs / num_cpus)
+      num_gpus: 1                    # per worker: where its local models go
 
 ``policy`` and ``prm`` are the backend specs of :mod:`itscale.backends.spec` (the
 policy adds its sampling settings). Each method is checked against the strategy registry when the file is loaded: unknown
@@ -153,6 +157,32 @@ class AllocationConfig(_Strict):
         return value
 
 
+class RayConfig(_Strict):
+    """Where and how the sweep runs on Ray (:mod:`itscale.bench.ray_sweep`). None of it changes
+    a record: it is left out of every store key, so a sweep started on one machine finishes on a
+    cluster and the other way round."""
+
+    address: str | None = Field(None, description="a running cluster: HOST:PORT of its head (`ray start --head`), "
+                                                  "ray://HOST:PORT (Ray client) or 'auto'; omitted: RAY_ADDRESS, "
+                                                  "else a cluster started on this machine")
+    workers: int | None = Field(None, ge=1, description="worker actors, each loading the backends once (default: "
+                                                        "the cluster's CPUs divided by num_cpus)")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per worker (its torch threads)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per worker, where its local models are placed")
+    chunk: int = Field(16, ge=1, description="problems per work unit (a unit is batched across its problems)")
+    retries: int = Field(3, ge=0, description="times a unit whose worker died is given to another worker")
+
+    @field_validator("address")
+    @classmethod
+    def _an_address(cls, value: str | None) -> str | None:
+        if value is None or value == "auto":
+            return value
+        from .ray_sweep import parse_address
+
+        parse_address(value)  # a ValueError names what is wrong
+        return value
+
+
 class BenchConfig(_Strict):
     problems: ProblemsConfig = ProblemsConfig()
     policy: PolicyConfig = PolicyConfig()
@@ -165,6 +195,7 @@ class BenchConfig(_Strict):
     subsets: int = Field(64, ge=1, description="random subsets per budget when subsampling the best-of-N family")
     output: str = Field("itscale-bench", description="folder for the store, exports, plots and report")
     allocation: AllocationConfig | None = Field(None, description="learn a compute-optimal allocation after the sweep")
+    ray: RayConfig | None = Field(None, description="run the work units on a Ray cluster (`itscale bench --ray`)")
 
     @field_validator("budgets", "seeds")
     @classmethod

@@ -45,6 +45,7 @@ class BenchOutcome:
     errors: int = 0  # results whose run failed (a backend error, not a wrong answer)
     results: int = 0
     allocation: object | None = None  # the learnt allocation (itscale.allocation.AllocationResult), if asked for
+    ray: object | None = None  # what the Ray cluster did (itscale.bench.ray_sweep.RaySummary), when it ran the work
 
 
 def run_bench(config: BenchConfig, console: Console | None = None, *, title: str = "itscale bench",
@@ -52,7 +53,12 @@ def run_bench(config: BenchConfig, console: Console | None = None, *, title: str
     """Complete whatever the store is missing for ``config``, then write every output."""
     console = console or default_console()
     t0 = time.perf_counter()
-    if backends is None:  # a device that is not here fails before anything is written
+    if config.ray is not None:  # an unreachable cluster fails before anything is written
+        from .ray_sweep import connect
+
+        connect(config.ray.address)
+    elif backends is None:  # a device that is not here fails before anything is written
+        # (on Ray the workers place the models: the driver may have no GPU)
         from ..backends import check_placement
 
         check_placement(config.policy, "policy")
@@ -82,7 +88,10 @@ def run_bench(config: BenchConfig, console: Console | None = None, *, title: str
         if probes:
             console.print(f"{len(probes)} problems to probe for the compute-optimal allocation")
         run_id = store.start_run(config_dump, environment)
-        if phases or probes:
+        ray_summary = None
+        if (phases or probes) and config.ray is not None:
+            ray_summary = _run_on_ray(config, store, phases, probes, fingerprint, run_id, console, todo)
+        elif phases or probes:
             if backends is None:
                 from .backends import load_backends
 
@@ -143,7 +152,38 @@ def run_bench(config: BenchConfig, console: Console | None = None, *, title: str
         for message, n in errors.most_common(3):
             console.print(Text(f"  {n}× {message}", style="red"))
     return BenchOutcome(rows, folder, wall, len(phases), len(pset.problems), pset.skipped, files,
-                        errors=sum(errors.values()), results=len(records), allocation=allocation)
+                        errors=sum(errors.values()), results=len(records), allocation=allocation, ray=ray_summary)
+
+
+def _run_on_ray(config, store, phases, probes, fingerprint, run_id, console, todo):
+    """The phases and probes as work units on the Ray cluster (:mod:`itscale.bench.ray_sweep`),
+    with the same progress bars; only this process writes the store."""
+    from .ray_sweep import run_on_ray
+
+    left = {i: len(p.todo) for i, p in enumerate(phases)}
+    with _progress(console) as progress:
+        overall = progress.add_task("all phases", total=todo + len(probes))
+        tasks = {i: progress.add_task(p.label, total=len(p.todo), visible=False) for i, p in enumerate(phases)}
+
+        def on_start(workers):
+            progress.console.print(f"  {workers} Ray workers ready (each loaded the models)")
+
+        def on_unit(unit, result):
+            n = len(unit.problems)
+            progress.advance(overall, n)
+            if unit.parent < 0:
+                return
+            progress.update(tasks[unit.parent], advance=n, visible=True)
+            left[unit.parent] -= n
+            if left[unit.parent] == 0:
+                progress.update(tasks[unit.parent], visible=False)
+                progress.console.print(f"  {phases[unit.parent].label}: {len(phases[unit.parent].todo)} problems")
+
+        summary = run_on_ray(config, store, phases, probes, fingerprint, run_id, on_unit, on_start)
+    nodes = ", ".join(f"{n} on node {node[:8]}" for node, n in summary.by_node.most_common())
+    console.print(f"Ray: {summary.units} units on {summary.workers} workers in {summary.seconds:.1f} s "
+                  f"(units per node: {nodes}; {summary.retried} rerun after a worker died)")
+    return summary
 
 
 def write_outputs(rows, records, folder: Path, config: dict, environment: dict, title: str, wall: float,
