@@ -446,7 +446,7 @@ def _serve(ns: argparse.Namespace) -> int:
             limits=limits, host=ns.host, port=ns.port, allow_open=ns.allow_open, max_running=ns.max_running,
             max_queue=ns.max_queue, request_timeout=ns.request_timeout, graceful_timeout=ns.graceful_timeout,
             header_timeout=ns.header_timeout, body_timeout=ns.body_timeout,
-            progress_interval=ns.progress_interval, cache_isolation=ns.cache_isolation)
+            progress_interval=ns.progress_interval, cache_isolation=ns.cache_isolation, replica_id=ns.replica_id)
         keys = key_ring(config, ns.api_key or (), ns.api_key_file)
     except ValidationError as err:
         for line in option_errors(err):
@@ -506,6 +506,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                         "vLLM's prefix cache) hold for any request, faster for repeated prompts; per-key: a request "
                         "never reads cache entries another API key's requests wrote (keys with the same name "
                         "share). Usage never depends on other keys' traffic either way [shared]")
+    g.add_argument("--replica-id", metavar="NAME",
+                   help="this server's name among replicas behind a load balancer: the replica label of every "
+                        "/metrics sample and the x-itscale-replica header of every response (visible ASCII, no "
+                        "spaces or quotes) [HOSTNAME:PORT]")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     g.add_argument("--no-access-log", action="store_true", help="no uvicorn line per HTTP request")
     p.set_defaults(func=_serve)

@@ -31,7 +31,9 @@ from typing import Any
 import httpx
 import pytest
 
+from itscale.serve.config import default_replica
 from itscale.serve.metrics import parse as parse_metrics
+from itscale.serve.metrics import parse_samples
 
 ALICE = "sk-test-alice-0123456789"
 SMALL = "sk-test-small-0123456789"
@@ -59,12 +61,16 @@ def free_port() -> int:
 class ServeProcess:
     """One ``itscale serve`` process (see the module docstring)."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str] | None = None, log_dir: Path | None = None):
+    def __init__(self, name: str, args: list[str], env: dict[str, str] | None = None, log_dir: Path | None = None,
+                 replica: str | None = None):
         self.name, self.port = name, free_port()
         self.root = f"http://127.0.0.1:{self.port}"
         self.url = self.root + "/v1"
+        # the replica name it labels its metrics and responses with (--replica-id, else the default)
+        self.replica = replica or default_replica(self.port)
+        named = ["--replica-id", replica] if replica else []
         self.command = [sys.executable, "-m", "itscale.cli", "serve", "--port", str(self.port), "--no-access-log",
-                        "--threads", "1", *args]
+                        "--threads", "1", *named, *args]
         self.env = {**os.environ, "ITSCALE_API_KEYS": "", **(env or {})}
         self.process: subprocess.Popen | None = None
         fd, log = tempfile.mkstemp(prefix=f"itscale-serve-{name}-", suffix=".log", dir=log_dir)
@@ -105,7 +111,13 @@ class ServeProcess:
         return self.log.read_text(errors="replace")[-5000:]
 
     def metrics(self) -> dict[str, float]:
-        return parse_metrics(httpx.get(self.root + "/metrics", timeout=5.0).text)
+        """``/metrics`` as ``{"name{labels}": value}`` without the replica label, once checked that
+        every ``itscale_*`` sample carries this server's replica name."""
+        text = httpx.get(self.root + "/metrics", timeout=5.0).text
+        wrong = [(name, labels) for name, labels, _ in parse_samples(text)
+                 if name.startswith("itscale_") and labels.get("replica") != self.replica]
+        assert not wrong, f"samples without replica={self.replica!r}: {wrong[:3]}"
+        return parse_metrics(text, drop=("replica",))
 
     def outcome(self, name: str) -> int:
         return int(self.metrics()[f'itscale_requests_total{{outcome="{name}"}}'])

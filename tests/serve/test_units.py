@@ -330,3 +330,72 @@ def test_a_local_backend_merges_calls_that_arrive_during_a_call():
         assert await kept == ["out-i"] and inner.calls[-1] == ["i"]
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("name", ["replica-a", "pod-7.serve:8000", "r/1@eu+x=y", "x" * 128])
+def test_replica_names_that_fit_a_label_and_a_header(name):
+    assert ServeConfig(replica_id=name).replica() == ServeConfig(replica_id=name).replica(port=9) == name
+
+
+@pytest.mark.parametrize("name, words", [("", "empty"), ("a b", "' '"), ('a"b', "'\"'"), ("a'b", "\"'\""),
+                                         ("a\\b", "'\\\\'"), ("a`b", "'`'"), ("a\nb", "'\\n'"),
+                                         ("r\u00e9plica", "'\u00e9'"), ("x" * 129, "at most 128")])
+def test_replica_names_that_are_refused(name, words, capsys):
+    from pydantic import ValidationError
+
+    from itscale.cli import main
+
+    with pytest.raises(ValidationError) as err:
+        ServeConfig(replica_id=name)
+    assert "replica_id" in str(err.value) and words in str(err.value)
+    assert main(["serve", "--replica-id", name, "--port", "1"]) == 2  # refused before loading any model
+    assert "--replica-id:" in capsys.readouterr().err
+
+
+def test_the_default_replica_name_is_the_host_name_and_the_port():
+    import socket
+
+    from itscale.serve.config import default_replica, replica_problem
+
+    assert ServeConfig(port=8123).replica() == default_replica(8123) == f"{socket.gethostname()}:8123"
+    assert ServeConfig(port=0).replica(port=41234).endswith(":41234")  # the port it got
+    assert default_replica(80, 'gpu box "7"') == "gpu-box--7-:80"  # spaces and quotes replaced
+    assert replica_problem(default_replica(80, "\u00e9" * 300)) is None
+
+
+def test_the_metrics_page_labels_every_sample_with_the_replica_and_parses_back():
+    from itscale.serve.metrics import Metrics, Upstream, parse, parse_samples
+
+    m = Metrics()
+    m.count("ok")
+    url = 'http://h:1/v1"\\\n'  # (a label value the text format must escape)
+    text = m.render(2, 1, 30, 4, {"policy": 3}, replica="r-1", upstream=[Upstream("policy", url, 5, 1, 2)])
+    samples = parse_samples(text)
+    assert len(samples) == 1 + 7 + 2 + 7 + 1 + 3
+    assert all(labels["replica"] == "r-1" for _, labels, _ in samples)
+    assert ("itscale_replica_info", {"replica": "r-1"}, 1.0) in samples
+    assert ("itscale_upstream_requests_total", {"replica": "r-1", "backend": "policy", "endpoint": url}, 5.0) in samples
+    keys = parse(text, drop=("replica",))
+    assert keys['itscale_requests_total{outcome="ok"}'] == 1 and keys["itscale_requests_running"] == 2
+    assert keys['itscale_upstream_in_flight{backend="policy",endpoint="http://h:1/v1\\"\\\\\\n"}'] == 2
+    assert parse(text)['itscale_requests_total{replica="r-1",outcome="ok"}'] == 1
+    for broken in ('x{replica="r-1} 1', "x{replica=r} 1", "x 1 2 3", "x{a=\"1\"}"):
+        with pytest.raises(ValueError):
+            parse_samples(broken)
+
+
+def test_the_engine_reports_the_load_on_each_url_of_an_http_backend():
+    from itscale.lm import Lookahead, OpenAIGenerator
+    from itscale.serve.engine import http_pool, public_url
+
+    policy = OpenAIGenerator(["http://u:secret@h1:8000/v1?key=s#f", "http://h2:8000", "http://h2:8000/v1/"], "m",
+                             api="completions")
+    pool = policy.http
+    pool.sent, pool.failed, pool.in_flight = [3, 1, 2], [1, 0, 1], [0, 1, 0]
+    engine = Engine(Lookahead(policy, 8), None, StepFormat(delimiter="\n"), "m")  # (look-ahead wraps the generator)
+    assert http_pool(Lookahead(policy, 8)) is http_pool(policy) is pool
+    assert [tuple(u) for u in engine.upstream()] == [("policy", "http://h1:8000/v1", 3, 1, 0),
+                                                     ("policy", "http://h2:8000/v1", 3, 1, 1)]  # the same URL, summed
+    assert public_url("https://a:b@h/v1?x=1#y") == "https://h/v1"
+    task = SimulatedTask(n_problems=1, seed=3)
+    assert Engine(task.policy(), task.prm(), StepFormat(delimiter=task.delimiter), "sim").upstream() == []

@@ -2,7 +2,8 @@
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``
 (and ``/v1/models/{id}``) need a key when keys are configured; ``GET /health`` and
-``GET /metrics`` do not.
+``GET /metrics`` do not. Every response carries ``x-itscale-replica: NAME`` (``--replica-id``),
+so a client or a load balancer's log can tell which replica answered.
 
 One request
 -----------
@@ -67,6 +68,10 @@ class ServerState:
     draining: bool = False
     tasks: set[asyncio.Task] = field(default_factory=set)
     loop: asyncio.AbstractEventLoop | None = None
+    replica: str = ""  # this server's name among replicas (default: the configuration's)
+
+    def __post_init__(self) -> None:
+        self.replica = self.replica or self.config.replica()
 
     # -- shutdown -------------------------------------------------------------------
     def drain(self) -> None:
@@ -149,6 +154,30 @@ class ServerState:
                  job.budget, status, outcome, seconds, result.cost.generated_tokens if result is not None else 0)
 
 
+class ReplicaHeader:
+    """ASGI middleware: ``x-itscale-replica: NAME`` on every HTTP response (streamed ones too),
+    NAME read from the server's state when the response starts."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_named(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), replica_header(self.state)]}
+            await send(message)
+
+        await self.app(scope, receive, send_named)
+
+
+def replica_header(state: ServerState) -> tuple[bytes, bytes]:
+    return b"x-itscale-replica", state.replica.encode("ascii")
+
+
 def _error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
@@ -193,6 +222,7 @@ def create_app(engine: Engine, config: ServeConfig, keys: KeyRing, state: Server
 
     app = FastAPI(title="itscale", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.itscale = state
+    app.add_middleware(ReplicaHeader, state=state)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError):
@@ -207,7 +237,9 @@ def create_app(engine: Engine, config: ServeConfig, keys: KeyRing, state: Server
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, err: Exception):
         log.exception("unexpected error on %s", request.url.path)
-        return _error_response(ApiError(500, f"internal error: {type(err).__name__}"))
+        response = _error_response(ApiError(500, f"internal error: {type(err).__name__}"))
+        response.headers.append(*(v.decode("ascii") for v in replica_header(state)))  # (sent outside the middleware)
+        return response
 
     @app.get("/health")
     async def health():
@@ -219,7 +251,9 @@ def create_app(engine: Engine, config: ServeConfig, keys: KeyRing, state: Server
     async def metrics():
         adm = state.admission
         return PlainTextResponse(state.metrics.render(adm.running, len(adm.waiting), engine.generated_tokens,
-                                                      engine.policy_calls, engine.backend_calls()))
+                                                      engine.policy_calls, engine.backend_calls(),
+                                                      replica=state.replica, upstream=engine.upstream()),
+                                 media_type="text/plain; version=0.0.4")
 
     def model_card() -> dict[str, Any]:
         # "root" is the served name, never the policy's folder or URL: key holders need not

@@ -9,10 +9,11 @@ them, else the server's (``--max-budget``, ``--max-tokens``).
 from __future__ import annotations
 
 import ipaddress
+import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..backends.spec import Measure, PolicySpec, PRMKind, PRMSpec, is_url
 
@@ -35,6 +36,36 @@ class Limits(BaseModel):
     max_budget: int = Field(64, ge=1)
     max_tokens: int = Field(512, ge=1)
     max_running: int | None = Field(None, ge=1)
+
+
+#: The characters a replica name may not hold besides spaces and control characters (it is a
+#: Prometheus label value and an HTTP header value): quotes, the backslash and the backtick.
+REPLICA_FORBIDDEN = "\"'\\`"
+REPLICA_MAX_LENGTH = 128
+
+
+def replica_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a replica (None when it can): 1 to 128 visible ASCII
+    characters, none of them a quote, a backslash or a backtick."""
+    if not name:
+        return "must not be empty"
+    if len(name) > REPLICA_MAX_LENGTH:
+        return f"at most {REPLICA_MAX_LENGTH} characters, got {len(name)}"
+    bad = next((c for c in name if not "!" <= c <= "~" or c in REPLICA_FORBIDDEN), None)
+    if bad is not None:
+        return (f"{bad!r} is not allowed: a replica name is visible ASCII without spaces, quotes, backslashes or "
+                "backticks (it goes into a Prometheus label and an HTTP header)")
+    return None
+
+
+def default_replica(port: int, hostname: str | None = None) -> str:
+    """``HOSTNAME:PORT``: tells replicas apart on one machine (the port) and across machines
+    (the host name: a listening address such as ``0.0.0.0`` is the same everywhere). Characters
+    a replica name may not hold are replaced by ``-``."""
+    host = hostname if hostname is not None else socket.gethostname()
+    host = "".join(c if "!" <= c <= "~" and c not in REPLICA_FORBIDDEN else "-" for c in host)
+    name = f"{host or 'localhost'}:{port}"
+    return name[-REPLICA_MAX_LENGTH:]
 
 
 #: Fields of a reward-model spec whose errors come from a check across fields, named in its message.
@@ -92,10 +123,25 @@ class ServeConfig(BaseModel):
     header_timeout: float = Field(10.0, gt=0, description="seconds a client has to send its request headers")
     body_timeout: float = Field(10.0, gt=0, description="seconds a client has to send its whole request body")
     progress_interval: float = Field(1.0, gt=0, description="seconds between streamed progress comments")
+    replica_id: str | None = Field(None, description="this server's name among replicas, in /metrics and the "
+                                                     "x-itscale-replica header (default: HOSTNAME:PORT)")
     # tenancy
     cache_isolation: Literal["shared", "per-key"] = Field(
         "shared", description="shared: every request may reuse what the model caches hold for any request; "
                               "per-key: a request never reads cache entries another API key's requests wrote")
+
+    @field_validator("replica_id")
+    @classmethod
+    def _replica_name(cls, value: str | None) -> str | None:
+        problem = replica_problem(value) if value is not None else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    def replica(self, port: int | None = None) -> str:
+        """This server's replica name: ``replica_id``, else ``HOSTNAME:PORT`` with the port it
+        listens on (``port``: the one it got when ``self.port`` is 0)."""
+        return self.replica_id or default_replica(port if port is not None else self.port)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServeConfig":

@@ -67,6 +67,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -77,6 +78,7 @@ from ..types import Problem, RaceOutcome, Result, ScoreRequest, Step, StepFormat
 from .config import ServeConfig
 from .errors import ApiError, invalid
 from .jobs import Job
+from .metrics import Upstream
 
 
 #: ``--cache-isolation`` choices (see "Cache isolation" above).
@@ -230,6 +232,24 @@ class RequestPRM:
         return tokens
 
 
+def http_pool(backend) -> Any:
+    """The :class:`~itscale.lm.http.EndpointPool` of an HTTP backend (through a wrapper such as
+    :class:`~itscale.lm.lookahead.Lookahead`, which keeps the generator's ``client``); None for a
+    local one."""
+    for pool in (getattr(backend, "http", None), getattr(getattr(backend, "client", None), "http", None)):
+        if callable(getattr(pool, "endpoint_counts", None)):
+            return pool
+    return None
+
+
+def public_url(url: str) -> str:
+    """``url`` as ``/metrics`` may show it: scheme, host, port and path; never a user name or
+    password, a query or a fragment (which may carry a secret)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}"
+
+
 @dataclass
 class Run:
     """A prepared request: the strategy bound to this request's view of the backends."""
@@ -262,6 +282,8 @@ class Engine:
         self.generated_tokens = 0  # every token generated for any request, finished or not
         self.policy_calls = 0
         self.allocation = allocation  # the learnt allocation compute_optimal applies (--allocation), if any
+        self.pools = [(name, pool) for name, pool in (("policy", http_pool(policy)), ("prm", http_pool(prm)))
+                      if pool is not None]  # the HTTP backends' endpoint pools (one per backend given as URLs)
 
     @classmethod
     def load(cls, config: ServeConfig, log: Callable[[str], None] = lambda m: None) -> "Engine":
@@ -358,6 +380,18 @@ class Engine:
     def backend_calls(self) -> dict[str, int]:
         """Calls made to each local backend (each serving one or more requests)."""
         return dict(self.coalescer.calls)
+
+    def upstream(self) -> list[Upstream]:
+        """The load on each URL of the HTTP backends (``/metrics``): per backend and base URL
+        (credentials, query and fragment left out; a URL listed twice is summed)."""
+        rows: dict[tuple[str, str], list[int]] = {}
+        for name, pool in self.pools:
+            for count in pool.endpoint_counts():
+                row = rows.setdefault((name, public_url(count.url)), [0, 0, 0])
+                row[0] += count.requests
+                row[1] += count.errors
+                row[2] += count.in_flight
+        return [Upstream(name, url, *row) for (name, url), row in rows.items()]
 
     def _count(self, tokens: int) -> None:
         self.generated_tokens += tokens

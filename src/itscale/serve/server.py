@@ -91,4 +91,9 @@ def serve(config: ServeConfig, keys: KeyRing, *, log_level: str = "info", access
     uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level, access_log=access_log,
                         timeout_graceful_shutdown=config.graceful_timeout, lifespan="on",
                         http=with_header_timeout(config.header_timeout))
-    Server(uv).run()
+    sockets = None
+    if config.port == 0:  # the system picks the port: bind now, so the default replica name has it
+        sockets = [uv.bind_socket()]
+        state.replica = config.replica(sockets[0].getsockname()[1])
+    log.info("replica %s", state.replica)
+    Server(uv).run(sockets=sockets)
