@@ -683,3 +683,36 @@ def test_an_http_only_server_needs_no_torch(policy_url, prm_url, tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+def test_itscale_serve_shows_the_load_on_each_policy_url(policy_url, prm_url, tmp_path):
+    """``itscale serve --policy URL1,URL2``: its ``/metrics`` counts the requests sent to each
+    URL. The second URL is a :class:`servers.FaultProxy` in front of the same vLLM server, which
+    counts what reaches it on its own: the server's count for that URL must equal the proxy's,
+    and both URLs must get a share."""
+    import openai
+    from serve.conftest import ServeProcess
+
+    with FaultProxy(policy_url) as proxy:
+        server = ServeProcess("upstream", ["--policy", f"{policy_url},{proxy.url}", "--prm", prm_url, "--format",
+                                           "arithmetic", "--served-model-name", "tiny"], log_dir=tmp_path,
+                              replica="upstream-1")
+        with server.running():
+            proxy.reset_counts()  # (start-up listed the models on both URLs)
+            with openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=120) as client:
+                for i, problem in enumerate(PROBLEMS[:3]):
+                    reply = client.chat.completions.create(
+                        model="tiny:pf-4", seed=i, max_tokens=96, messages=[{"role": "user", "content": problem.prompt}])
+                    assert "Answer:" in reply.choices[0].message.content
+            m = server.metrics()  # (checks the replica label on every sample)
+    sent = {url: m[f'itscale_upstream_requests_total{{backend="policy",endpoint="{url}"}}']
+            for url in (policy_url, proxy.url)}
+    print(f"policy requests per URL: {sent}; the proxy saw {dict(proxy.paths)}")
+    assert sent[proxy.url] == proxy.requests == proxy.forwarded  # what the proxy saw, counted by itscale serve
+    assert sent[policy_url] > 0 and sent[proxy.url] > 0  # both URLs got a share
+    assert min(sent.values()) >= sum(sent.values()) / 4  # (the least busy URL gets each request: about half each)
+    for url in (policy_url, proxy.url):
+        assert m[f'itscale_upstream_errors_total{{backend="policy",endpoint="{url}"}}'] == 0
+        assert m[f'itscale_upstream_in_flight{{backend="policy",endpoint="{url}"}}'] == 0
+    assert m[f'itscale_upstream_requests_total{{backend="prm",endpoint="{prm_url}"}}'] > 0
+    assert m['itscale_requests_total{outcome="ok"}'] == 3
