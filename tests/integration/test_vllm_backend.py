@@ -18,7 +18,9 @@ them on one worker). What is checked:
   token where the rule fires, and the server stops generating it;
 - fault handling through :class:`servers.FaultProxy` (5xx, delays past the client
   timeout, dropped connections: retried; persistent failures: the particles die and
-  the run still returns), and ``check()`` failing fast on a bad endpoint or model.
+  the run still returns), and ``check()`` failing fast on a bad endpoint or model;
+- ``itscale serve`` with two policy URLs (the server and a proxy in front of it): its
+  ``/metrics`` counts each URL's requests as the proxy counts them.
 
 Needs ``.venv-vllm`` (``make test`` creates it); ``ITSCALE_SKIP_VLLM=1`` skips.
 """
