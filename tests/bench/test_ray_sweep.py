@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import secrets
 import signal
 import socket
 import sqlite3
@@ -31,6 +33,8 @@ from itscale.bench.config import validate_config
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from servers import free_port  # noqa: E402
 
+# Set before Ray is imported (it reads them once): see `cluster`.
+os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
 ray = pytest.importorskip("ray")
 
 BUILT = (zoo.policy_path() / "config.json").exists() and (zoo.prm_path() / "config.json").exists()
@@ -60,7 +64,10 @@ def _ray_start(*args: str, temp: str) -> subprocess.Popen:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head and one worker node, one CPU each; the driver (this process) connected to it."""
+    """A head and one worker node, one CPU each; the driver (this process) connected to it.
+    Token authentication with a token of its own (in the environment of the nodes, of this
+    process and of the `itscale bench` processes the tests start), so that neither a token
+    left in ~/.ray by another Ray nor its absence changes what the test does."""
     temp = tempfile.mkdtemp(prefix="itray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port = free_port()
     procs = [_ray_start("--head", f"--port={port}", "--include-dashboard=false", temp=temp)]
@@ -183,3 +190,45 @@ def test_an_unreachable_cluster_fails_fast_with_the_field_named(tmp_path):
     assert "ray.address" in proc.stderr and address in proc.stderr and "ray start --head" in proc.stderr
     assert elapsed < 30, elapsed  # seconds, not Ray's minute of retries
     assert not (tmp_path / "out" / "records.csv").exists()
+
+
+def test_a_driver_killed_mid_sweep_resumes_with_nothing_lost_or_redone(cluster, one_machine, tmp_path):
+    """`itscale bench --ray` killed with SIGKILL once some units are written (its workers go with
+    it: Ray ends a dead driver's actors), then rerun: the second run plans only what is missing,
+    keeps every record of the first untouched, and the store ends equal to the one-machine run."""
+    config, out = tmp_path / "bench.yaml", tmp_path / "out"
+    config.write_text(json.dumps({**CONFIG, "output": str(out), "ray": {"chunk": 2}}))
+    db = out / "bench.sqlite"
+    command = [sys.executable, "-m", "itscale.cli", "bench", str(config), "--ray", cluster]
+
+    def rows() -> dict[tuple, tuple]:
+        if not db.exists():
+            return {}
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        try:
+            return {r[:4]: r[4:] for r in conn.execute(
+                "SELECT problem_id, method, budget, seed, created, run_id, answer FROM records")}
+        except sqlite3.OperationalError:  # no table yet
+            return {}
+        finally:
+            conn.close()
+
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while len(rows()) < 20:
+        assert first.poll() is None, f"the run ended before it could be killed:\n{first.stdout.read()}"
+        assert time.monotonic() < deadline, "no records appeared within 300 s"
+        time.sleep(0.05)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(timeout=30)
+    before = rows()
+    assert 20 <= len(before) < EXPECTED, len(before)
+
+    second = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout + second.stderr
+    after = rows()
+    assert all(after[k] == v for k, v in before.items()), "a record written before the kill was redone"
+    assert {v[1] for k, v in after.items() if k not in before} == {2}, "the rest belongs to the second run"
+    todo = re.search(r"(\d+) problem runs to do", second.stdout)
+    assert todo and 0 < int(todo.group(1)) < 12 * 5, second.stdout  # of greedy + 3 PF budgets + one pool, 12 each
+    _same(_records(db), one_machine)

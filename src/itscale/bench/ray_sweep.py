@@ -139,6 +139,7 @@ class RaySummary:
     retried: int = 0
     seconds: float = 0.0                      # the driver's wall time from the first unit sent to the last written
     busy: float = 0.0                         # the workers' summed unit time
+    driver: float = 0.0                       # the driver's time taking results (ray.get) and writing them
     by_node: collections.Counter = field(default_factory=collections.Counter)
 
 
@@ -219,6 +220,7 @@ def run_on_ray(config, store, phases: Sequence[Phase], probes: Sequence[Problem]
             ready = pool.wait(list(in_flight))
             for ref in ready:
                 unit, attempt, w = in_flight.pop(ref)
+                started = time.perf_counter()
                 try:
                     result: UnitResult = ray.get(ref)
                 except RayActorError as err:  # the worker died (or is restarting): the unit goes back
@@ -239,6 +241,7 @@ def run_on_ray(config, store, phases: Sequence[Phase], probes: Sequence[Problem]
                     store.add(records, pool_row)
                 for probe in result.collected.probes:
                     store.add_probe(probe)
+                summary.driver += time.perf_counter() - started
                 written.add(result.index)
                 summary.busy += result.seconds
                 summary.by_node[result.node] += 1
