@@ -23,8 +23,9 @@ GPUs' throughput, the driver (one process writes every record), or the longest s
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import sqlite3
-import statistics
 import sys
 import tempfile
 import time
@@ -33,8 +34,14 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from itscale.bench.config import validate_config
-from itscale.bench.run import run_bench
+# A token of this run's own, set before Ray is imported (it reads the mode once): a new local
+# cluster turns token authentication on and would otherwise write ~/.ray/auth_token, which every
+# later `ray start` on this machine would then require.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+
+from itscale.bench.config import validate_config  # noqa: E402
+from itscale.bench.run import run_bench  # noqa: E402
 
 METHODS = [{"name": "self_consistency", "label": "majority_vote"}, {"name": "best_of_n", "params": {"aggregation": "min"}},
            {"name": "beam_search", "params": {"beam_width": 2, "aggregation": "min"}},
@@ -72,15 +79,8 @@ def costs(folder: Path) -> dict[str, dict[int, tuple[float, float, float]]]:
 
 
 def part1(ns) -> tuple[dict, dict]:
-    import os
-    import secrets
-
     import ray
 
-    # a token of this run's own: a new local cluster turns token authentication on, and would
-    # otherwise write ~/.ray/auth_token, which every later `ray start` on this machine then requires
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
              object_store_memory=200_000_000)
     quiet = Console(file=open("/dev/null", "w"))
@@ -119,8 +119,6 @@ def part1(ns) -> tuple[dict, dict]:
 
 
 def _cpus() -> int:
-    import os
-
     return os.cpu_count() or 1
 
 
@@ -135,52 +133,59 @@ def fit(by_budget: dict[int, tuple[float, float, float]], index: int) -> tuple[f
 
 
 def part2(measured: dict, ns) -> None:
+    """GPU time of every unit of the study: its tokens at the rate its concurrency allows,
+    rate = min(a GPU's throughput, sequences in flight × one sequence's speed), where a worker has
+    DEPTH units in flight, each decoding chunk × budget sequences at once (a pool: 128 per problem)."""
+    from itscale.bench.ray_sweep import DEPTH
+
     budgets = [2 ** k for k in range(8)]  # 1..128
     gpus = ns.nodes * ns.gpus
     scale = ns.solution_tokens / ns.embedded_solution_tokens
-    total_gen = total_prm = 0.0
-    longest = 0.0
+    runs = ns.models * ns.seeds  # each (model, seed) is one pass over the problems
+    units_per_phase = -(-ns.study_problems // ns.study_chunk)
     print(f"\nPart 2: projection. Study: {ns.models} models × {len(measured['costs'])} methods × budgets "
-          f"{budgets[0]}–{budgets[-1]} ({len(budgets)}) × {ns.seeds} seeds × {ns.study_problems} problems on "
-          f"{ns.nodes} nodes × {ns.gpus} GPUs\n")
-    print(f"{'method':<20}{'gen tok/problem at 128':>24}{'PRM tok at 128':>16}{'(fit: a + b·budget)':>28}")
-    for method, by in measured["costs"].items():
-        ga, gb = fit(by, 0)
-        pa, pb = fit(by, 1)
-        gen = sum(max(ga + gb * b, 0.0) for b in budgets) * scale
-        prm = sum(max(pa + pb * b, 0.0) for b in budgets) * scale
-        if method == "majority_vote":  # the best-of-N family is one pool per problem at the largest budget
-            gen = (ga + gb * budgets[-1]) * scale
-        if method == "best_of_n":
-            gen, prm = 0.0, (pa + pb * budgets[-1]) * scale  # its pool is majority vote's; it adds the scores
-        total_gen += gen
-        total_prm += prm
-        g128 = (ga + gb * 128) * scale
-        # a unit's problems decode together on one GPU: its time is its tokens at the GPU's rate, or
-        # at least one solution at one sequence's speed
-        longest = max(longest, measured["chunk"] * g128 / ns.gpu_tokens_per_s, ns.solution_tokens / ns.stream_tokens_per_s)
-        print(f"{method:<20}{g128:>24,.0f}{(pa + pb * 128) * scale:>16,.0f}{f'{ga:.0f} + {gb:.1f}·b (gen)':>28}")
-    work = ns.models * ns.seeds * ns.study_problems
-    tokens = work * total_gen
-    prm_tokens = work * total_prm
-    # prefill of the PRM's tokens costs ~1/prefill_ratio of a decoded token
-    gpu_seconds = (tokens + prm_tokens / ns.prefill_ratio) / ns.gpu_tokens_per_s
-    wall_gpu = gpu_seconds / gpus / measured["efficiency"]
-    pooled = {"majority_vote", "best_of_n"} & set(measured["costs"])
-    phases = len(budgets) * (len(measured["costs"]) - len(pooled)) + (1 if pooled else 0)  # one pool per problem
-    units = work * phases / measured["chunk"]
+          f"{budgets[0]}–{budgets[-1]} × {ns.seeds} seeds × {ns.study_problems} problems on {ns.nodes} nodes × "
+          f"{ns.gpus} GPUs, units of {ns.study_chunk} problems. Measured here: tokens per problem (fitted linear in "
+          f"the budget), the driver's time per unit, two workers' efficiency. Assumed: a real solution is "
+          f"{ns.solution_tokens:.0f} tokens ({scale:.1f}× the embedded policy's), a GPU decodes "
+          f"{ns.gpu_tokens_per_s:,.0f} tokens/s at full batch and one sequence {ns.stream_tokens_per_s:.0f}/s, a "
+          f"PRM token costs 1/{ns.prefill_ratio:.0f} of a decoded one, a worker loads a model in "
+          f"{ns.load_minutes:g} min.\n")
+    fits = {m: (fit(by, 0), fit(by, 1)) for m, by in measured["costs"].items()}
+    work = []  # (method, budget, tokens of one unit in decode-equivalents, sequences in flight per GPU)
+    for method, ((ga, gb), (pa, pb)) in fits.items():
+        pooled = method in ("majority_vote", "best_of_n")
+        takes = [b for b in budgets if b >= 2] if method in ("beam_search", "dvts") else budgets  # beam width 2
+        for b in ([budgets[-1]] if pooled else takes):
+            gen = 0.0 if method == "best_of_n" else max(ga + gb * b, 0.0) * scale  # best-of-N scores majority vote's pool
+            prm = max(pa + pb * b, 0.0) * scale
+            work.append((method, b, ns.study_chunk * (gen + prm / ns.prefill_ratio), ns.study_chunk * b * DEPTH))
+    print(f"{'method':<20}{'budget':>7}{'tokens/unit':>13}{'in flight':>11}{'tok/s per GPU':>15}{'GPU-hours':>11}")
+    gpu_s = ideal_s = longest = 0.0
+    for method, b, tokens, flight in work:
+        rate = min(ns.gpu_tokens_per_s, flight * ns.stream_tokens_per_s)
+        seconds = runs * units_per_phase * tokens / rate
+        gpu_s += seconds
+        ideal_s += runs * units_per_phase * tokens / ns.gpu_tokens_per_s
+        longest = max(longest, tokens / rate)
+        if b in (2, 8, 128):
+            print(f"{method:<20}{b:>7}{tokens:>13,.0f}{flight:>11,}{rate:>15,.0f}{seconds / 3600:>11,.1f}")
+    units = runs * units_per_phase * len(work)
+    wall_gpu = gpu_s / gpus / measured["efficiency"]
     wall_driver = units * measured["write_per_unit"]
-    wall_tail = longest
-    print(f"\ngenerated tokens {tokens:.3g}, PRM tokens {prm_tokens:.3g}; GPU time {gpu_seconds / 3600:,.0f} GPU-hours "
-          f"at {ns.gpu_tokens_per_s:,.0f} decoded tokens/s per GPU")
-    print(f"wall time, GPUs' throughput: {wall_gpu / 3600:,.1f} h (÷ {gpus} GPUs, efficiency "
-          f"{measured['efficiency']:.2f} measured with two workers here)")
-    print(f"wall time, driver: {wall_driver / 3600:,.2f} h ({units:,.0f} units × "
-          f"{1000 * measured['write_per_unit']:.1f} ms of the driver's time each (ray.get and the store), measured)")
-    print(f"longest unit: {wall_tail / 60:,.1f} min (a unit of {measured['chunk']} problems at budget 128 on one GPU)")
-    limits = {"the GPUs' throughput": wall_gpu, "the driver": wall_driver, "the longest unit": wall_tail}
-    first = max(limits, key=limits.get)
-    print(f"first limit: {first}")
+    wall_load = ns.models * ns.load_minutes * 60  # one bench run per model; each loads its model once per worker
+    print(f"\nGPU time {gpu_s / 3600:,.0f} GPU-hours ({ideal_s / 3600:,.0f} if every unit filled its GPU); "
+          f"{units:,} units")
+    print(f"wall time on {gpus} GPUs: {(wall_gpu + wall_load) / 3600:,.1f} h = GPUs {wall_gpu / 3600:,.1f} h "
+          f"(÷ {gpus}, ÷ efficiency {measured['efficiency']:.2f}) + model loading {wall_load / 60:.0f} min")
+    print(f"the driver's share: {wall_driver / 60:,.1f} min ({units:,} units × "
+          f"{1000 * measured['write_per_unit']:.1f} ms each for ray.get and the store), in parallel with the GPUs")
+    print(f"longest unit: {longest / 60:,.1f} min (the tail after the last unit starts)")
+    limits = {"the GPUs' decode throughput": wall_gpu - (gpu_s - ideal_s) / gpus / measured["efficiency"],
+              "units too small to fill a GPU": (gpu_s - ideal_s) / gpus / measured["efficiency"],
+              "model loading": wall_load, "the driver": wall_driver, "the longest unit": longest}
+    print("what the wall time is made of: " + ", ".join(f"{k} {v / 3600:.2f} h" for k, v in
+                                                        sorted(limits.items(), key=lambda kv: -kv[1])))
 
 
 def main() -> None:
@@ -204,6 +209,8 @@ def main() -> None:
                         "an H100: several thousand)")
     g.add_argument("--stream-tokens-per-s", type=float, default=60.0, help="decoded tokens/s of one sequence")
     g.add_argument("--prefill-ratio", type=float, default=10.0, help="decoded tokens' cost / a prefilled token's")
+    g.add_argument("--study-chunk", type=int, default=16, help="problems per unit in the study")
+    g.add_argument("--load-minutes", type=float, default=2.0, help="a worker loading a 7B model from local disk")
     ns = p.parse_args()
     measured, _ = part1(ns)
     part2(measured, ns)

@@ -44,3 +44,18 @@ def test_a_malformed_address_names_the_field(address):
         parse_address(address)
     with pytest.raises(Exception, match=r"ray\.address"):
         validate_config({"methods": [{"name": "greedy"}], "ray": {"address": address}})
+
+
+def test_workers_fit_the_cluster_or_the_field_is_named():
+    from itscale.bench.config import RayConfig
+    from itscale.bench.ray_sweep import RayClusterError, _workers
+
+    cluster = {"CPU": 16.0, "GPU": 4.0}
+    assert _workers(RayConfig(), cluster) == 16  # default: the CPUs / num_cpus
+    assert _workers(RayConfig(num_gpus=1), cluster) == 4  # GPUs bound it
+    assert _workers(RayConfig(workers=64, num_gpus=0.5), cluster) == 8  # never more than Ray can place
+    assert _workers(RayConfig(workers=2, num_cpus=2), cluster) == 2
+    with pytest.raises(RayClusterError, match=r"ray\.num_gpus: each worker asks for 1 GPUs, the cluster has 0"):
+        _workers(RayConfig(num_gpus=1), {"CPU": 8.0})
+    with pytest.raises(RayClusterError, match=r"ray\.num_cpus"):
+        _workers(RayConfig(num_cpus=4), {"CPU": 2.0})

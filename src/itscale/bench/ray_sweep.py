@@ -196,7 +196,7 @@ def run_on_ray(config, store, phases: Sequence[Phase], probes: Sequence[Problem]
     ray = connect(settings.address)
     from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
-    workers = settings.workers or max(1, int(ray.cluster_resources().get("CPU", 1) // settings.num_cpus))
+    workers = _workers(settings, ray.cluster_resources())
     units = make_units(phases, probes, settings.chunk)
     summary = RaySummary(workers, len(units))
     if not units:
@@ -295,6 +295,20 @@ class _Pool:
                     self.due[w] = time.monotonic() + self.PING_EVERY
             if done or (self.up and not refs):
                 return done
+
+
+def _workers(settings, resources: dict) -> int:
+    """How many workers to start: ``ray.workers``, at most as many as the cluster's CPUs and GPUs
+    hold (a worker Ray cannot place would wait forever); a worker that fits nowhere is an error."""
+    asked = {"num_cpus": (settings.num_cpus, resources.get("CPU", 0.0)),
+             "num_gpus": (settings.num_gpus, resources.get("GPU", 0.0))}
+    fits = min(int(have // need) for need, have in asked.values() if need > 0)
+    if fits < 1:
+        field, (need, have) = next((k, v) for k, v in asked.items() if v[0] > v[1])
+        what = "CPUs" if field == "num_cpus" else "GPUs"
+        raise RayClusterError(f"ray.{field}: each worker asks for {need:g} {what}, the cluster has {have:g}; "
+                              f"lower ray.{field} or add nodes with {what}")
+    return min(settings.workers or fits, fits)
 
 
 def _wait_ready(ray, pool, actor_error) -> None:
