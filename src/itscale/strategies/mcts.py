@@ -135,8 +135,8 @@ class MCTSParams(Params):
     selection: Literal["argmax", "vote"] = Field(
         "argmax", description="argmax: follow the most visited children; vote: visit-weighted answer vote")
     widening: float | None = Field(
-        0.5, ge=0, le=1, description="progressive widening exponent α: a node visited N times may have drawn "
-                                     "ceil(k·N^α) next steps; None: one expansion of `children` steps")
+        0.5, ge=0, le=1, description="progressive widening exponent α: a node visited N times has drawn at most "
+                                     "ceil(k·N^α) next steps; None: one expansion of `children` steps, never widened")
     widening_k: float | None = Field(None, gt=0, description="k of progressive widening (default: children)")
 
     @field_validator("widening_k")
