@@ -156,6 +156,34 @@ def test_hf_race_failures(hf):
     assert (out.winner.text, out.winner.tokens, out.index, out.spent_tokens) == ("3\n", 0, 0, 0)
 
 
+@needs_zoo
+def test_hf_races_decoded_together_give_each_requests_own_race(hf):
+    """``race_many``: several races in one lock-step batch, each ended by its own first finish;
+    outcome i equals the race of request i alone, and the batch takes fewer forward passes than
+    the races one after another. With ``max_batch`` 4, a request of 6 samples is decoded alone,
+    chunk by chunk, as ``race`` does it; the crowded context fails only its own race."""
+    crowded = whole(3, 0, problem=Problem("long", "1+" * 200))
+    step = StepRequest(PROBLEM, (), 3, SamplingParams(temperature=1.5, max_step_tokens=30, seed=4),
+                       (arithmetic.DELIMITER,))
+    requests = [whole(3, 0), whole(2, 7, problem=PROBLEM), crowded, whole(6, 2), step, whole(1, 9)]
+    for gen in (hf, HFGenerator(hf.model, hf.tokenizer, max_batch=4, run_in_thread=False)):
+        passes = gen.stats.forward_passes
+        alone = [gen.race_sync(r) for r in requests]
+        one_by_one = gen.stats.forward_passes - passes
+        passes = gen.stats.forward_passes
+        together = gen.race_many_sync(requests)
+        assert gen.stats.forward_passes - passes < one_by_one
+        for a, t in zip(alone, together):  # (the log-probability to the last bits of another batch shape)
+            assert sample(t.winner)[:2] + sample(t.winner)[3:] == sample(a.winner)[:2] + sample(a.winner)[3:]
+            assert t.winner.logprob == pytest.approx(a.winner.logprob, abs=1e-4)
+            assert (t.index, t.spent_tokens, t.cancelled) == (a.index, a.spent_tokens, a.cancelled)
+        assert together[2].winner.failed and not any(t.winner.failed for i, t in enumerate(together) if i != 2)
+    assert asyncio.run(HFGenerator(hf.model, hf.tokenizer, run_in_thread=True).race_many(requests[:2]))[1].index \
+        == alone[1].index
+    with pytest.raises(ValueError, match="k >= 1"):
+        hf.race_many_sync([whole(2, 0), whole(0, 0)])
+
+
 # -- OpenAIGenerator against streamed replies ------------------------------------------------------
 URL = "http://vllm-a:8000/v1"
 MODEL = "policy"

@@ -147,3 +147,50 @@ def test_request_policy_passes_races_on_under_its_cap_and_charges_every_spent_to
     out = asyncio.run(view.race(full))
     assert out.winner.text == "" and view.cut(out.winner) and len(inner.seen) == 1 and out.spent_tokens == 0
     assert not hasattr(RequestPolicy(NoRace(), 20, Progress()), "race")
+
+
+class ManyRecorder(Recorder):
+    """A local racer that can run several races in one call (as ``HFGenerator.race_many``)."""
+
+    def __init__(self, outcome: RaceOutcome):
+        super().__init__(outcome)
+        self.batches = []
+
+    async def race_many(self, requests):
+        self.batches.append(list(requests))
+        return [dataclasses.replace(self.outcome, index=r.k) for r in requests]  # each its own outcome
+
+
+def test_concurrent_races_go_to_a_local_backend_in_one_call_when_it_races_many():
+    from itscale.bench.backends import Timed
+
+    winner = Step("x", 3, finish_reason="eos")
+    for inner in (ManyRecorder(RaceOutcome(winner, 0, 9, 2)), Timed(ManyRecorder(RaceOutcome(winner, 0, 9, 2)))):
+        batched = BatchedGenerator(inner, Coalescer())
+        recorder = getattr(inner, "inner", inner)
+
+        async def task(k):
+            async with batched.coalescer.member():
+                return await batched.race(request(TASK.problems[k % 6], k, k))
+
+        async def all_at_once():
+            return await asyncio.gather(*(task(k) for k in (1, 2, 3, 4)))
+
+        outs = asyncio.run(all_at_once())
+        assert [o.index for o in outs] == [1, 2, 3, 4]  # each task its own request's outcome
+        assert [[r.k for r in b] for b in recorder.batches] == [[1, 2, 3, 4]] and not recorder.seen
+        assert batched.coalescer.calls == {"policy": 1}
+    # a backend without race_many gets each race as it comes; a wrapper offers race_many only over one that has it
+    single = Recorder(RaceOutcome(winner, 0, 9, 2))
+    batched = BatchedGenerator(single, Coalescer())
+
+    async def two():
+        async def one(k):
+            async with batched.coalescer.member():
+                return await batched.race(request(TASK.problems[0], k, k))
+        return await asyncio.gather(one(1), one(2))
+
+    asyncio.run(two())
+    assert len(single.seen) == 2 and batched.coalescer.calls == {"policy": 2}
+    assert not hasattr(Timed(single), "race_many") and hasattr(Timed(ManyRecorder(RaceOutcome(winner, 0, 9, 2))),
+                                                               "race_many")

@@ -46,6 +46,9 @@ class Timed(Wrapper):
     async def _race(self, request):
         return await self._timed(self.inner.race(request))
 
+    async def _race_many(self, requests):
+        return await self._timed(self.inner.race_many(requests))
+
 
 @dataclass
 class Backends:

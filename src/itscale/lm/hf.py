@@ -48,6 +48,10 @@ Racing
 batch after the first forward pass in which a row finished: the winner is the row with
 the fewest tokens (lowest index on ties), token for token what ``generate_steps`` gives
 that row with the same seed, and the race costs ``k`` times its length.
+:meth:`HFGenerator.race_many` runs several races in one lock-step batch (the bench and the
+server coalesce concurrent races into it, as they coalesce ``generate_steps`` calls): a row
+that finishes ends its own request's race only, and the other requests' rows decode on, so
+each outcome is the one :meth:`~HFGenerator.race` gives that request alone.
 
 Key/value-cache reuse
 ---------------------
@@ -287,11 +291,25 @@ class HFGenerator:
 
     def race_sync(self, request: StepRequest) -> RaceOutcome:
         """The same as :meth:`race`, blocking."""
-        if request.k < 1:
-            raise ValueError(f"race needs k >= 1 samples to race, got k={request.k}")
-        check_raceable(request)
+        return self.race_many_sync([request])[0]
+
+    async def race_many(self, requests: Sequence[StepRequest]) -> list[RaceOutcome]:
+        """:meth:`race` for each request, decoded together: the rows of every request share
+        the lock-step batch (up to ``max_batch`` rows; a request's rows never split across
+        batches unless it alone has more), and a pass in which a row finishes ends that row's
+        request's race, not the others'. Outcome ``i`` is :meth:`race` of ``requests[i]``."""
+        if self.run_in_thread:
+            return await asyncio.to_thread(self.race_many_sync, requests)
+        return self.race_many_sync(requests)
+
+    def race_many_sync(self, requests: Sequence[StepRequest]) -> list[RaceOutcome]:
+        """The same as :meth:`race_many`, blocking."""
+        for request in requests:
+            if request.k < 1:
+                raise ValueError(f"race needs k >= 1 samples to race, got k={request.k}")
+            check_raceable(request)
         with self._lock, torch.inference_mode():
-            return self._race(request)
+            return self._race(list(requests))
 
     def reset_stats(self) -> None:
         self.stats = GeneratorStats()
@@ -347,23 +365,42 @@ class HFGenerator:
                 row.text, row.carry, row.finish = row.head[:end], row.head[end:], "stop"
         return rows
 
-    def _race(self, request: StepRequest) -> RaceOutcome:
-        rows = self._rows([request])
-        live = [row for row in rows if row.ctx.error is None and row.finish is None]
-        best = math.inf  # the fewest tokens a row has finished with so far
-        for start in range(0, len(live), self.max_batch):
-            chunk = live[start:start + self.max_batch]
-            self._decode(chunk, race=best)
-            best = min([best] + [row.n_tokens for row in chunk if row.finish is not None])
-        finished = [j for j, row in enumerate(rows) if row.finish is not None]
-        index = min(finished, key=lambda j: (rows[j].n_tokens, j), default=0)
-        spent = sum(row.n_tokens for row in rows)
-        winner = self._step(rows[index], first=True)
-        self.stats.rows += sum(row.ctx.error is None for j, row in enumerate(rows) if j != index)
-        self.stats.generated_tokens += spent - rows[index].n_tokens
+    def _race(self, requests: list[StepRequest]) -> list[RaceOutcome]:
+        rows = self._rows(requests)
+        of = [[row for row in rows if row.request == i] for i in range(len(requests))]
+        best = [math.inf] * len(requests)  # per request, the fewest tokens a row has finished with so far
+        chunk: list[_Row] = []
+
+        def decode() -> None:
+            if chunk:
+                self._decode(chunk, race={row.request: best[row.request] for row in chunk})
+                for row in chunk:
+                    if row.finish is not None:
+                        best[row.request] = min(best[row.request], row.n_tokens)
+                chunk.clear()
+
+        for own in of:  # whole requests per batch; one larger than a batch alone, batch after batch
+            live = [row for row in own if row.ctx.error is None and row.finish is None]
+            if len(chunk) + len(live) > self.max_batch:
+                decode()
+            for start in range(0, len(live), self.max_batch):
+                chunk.extend(live[start:start + self.max_batch])
+                if len(live) > self.max_batch:
+                    decode()
+        decode()
+        outcomes = []
+        for own in of:
+            finished = [j for j, row in enumerate(own) if row.finish is not None]
+            index = min(finished, key=lambda j: (own[j].n_tokens, j), default=0)
+            spent = sum(row.n_tokens for row in own)
+            winner = self._step(own[index], first=True)
+            self.stats.rows += sum(row.ctx.error is None for j, row in enumerate(own) if j != index)
+            self.stats.generated_tokens += spent - own[index].n_tokens
+            running = sum(row.finish is None for row in own if row.ctx.error is None)
+            outcomes.append(RaceOutcome(winner, index, spent, running))
         if self.reuse_cache:
             self.store.trim()
-        return RaceOutcome(winner, index, spent, sum(row.finish is None for row in live))
+        return outcomes
 
     def _step(self, row: _Row, first: bool) -> Step:
         ctx = row.ctx
@@ -453,11 +490,11 @@ class HFGenerator:
         return out.logits[:, -1].float()
 
     # -- decoding -------------------------------------------------------------------
-    def _decode(self, rows: list[_Row], race: float | None = None) -> None:
+    def _decode(self, rows: list[_Row], race: dict[int, float] | None = None) -> None:
         """Decode ``rows`` in lock-step (one token for every running row per forward pass)
-        until each has finished. ``race`` (see :meth:`race`): stop after the first pass in
-        which a row finished, or once the rows have ``race`` tokens; the rows still running
-        then stay unfinished (``finish`` None)."""
+        until each has finished. ``race`` (see :meth:`race_many`), per request index: that
+        request's rows stop after the first pass in which one of them finished, or once they
+        have ``race[request]`` tokens; the rows stopped then stay unfinished (``finish`` None)."""
         nodes = list(dict.fromkeys(row.ctx.node for row in rows))
         where = {id(n): i for i, n in enumerate(nodes)}
         index = torch.tensor([where[id(row.ctx.node)] for row in rows], device=self.device)
@@ -487,18 +524,20 @@ class HFGenerator:
             lps, tops = token_logprobs(logits, torch.tensor(tokens, device=logits.device), top_k)
             lps, tops = lps.tolist(), None if tops is None else tops.tolist()
             finals = set()  # rows whose last token must be run once more to store the step
-            before = len(live)
+            ended = set()  # the requests a row of which finished in this pass
             for b in sorted(live):
                 row = batch[b]
                 if not self._advance(row, tokens[b], lps[b], None if tops is None else tops[b]):
                     continue
                 live.discard(b)
+                ended.add(row.request)
                 if row.store_kept > row.fed:
                     finals.add(b)
                 elif row.store_kept:  # a stop string ended inside a token: store what was fed
                     self._store(row, cache, b, P, None)
-            if race is not None and (len(live) < before or t + 1 >= race):
-                live.clear()  # the race is over: the others stop here (finished rows are still stored)
+            if race is not None:  # those races are over: their other rows stop here (finished rows are still stored)
+                ended |= {request for request, bound in race.items() if t + 1 >= bound}
+                live = {b for b in live if batch[b].request not in ended}
             feed = sorted(live | finals)
             if not feed:
                 break

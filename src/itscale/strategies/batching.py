@@ -34,11 +34,13 @@ failure reaches only the tasks whose own requests fail. A task cancelled while w
 
 ``Coalescer.calls`` counts the backend calls made per kind (retries included).
 
-Races (:class:`itscale.protocols.Racer`) are not coalesced: a :class:`BatchedGenerator`
-whose backend has ``race`` passes each race straight to it (a race is one request whose
-samples the backend already decodes together; on a local backend it counts in
-``Coalescer.calls["policy"]``), and one whose backend has none has no ``race`` either,
-so callers fall back to ``generate_steps``.
+Races (:class:`itscale.protocols.Racer`): a :class:`BatchedGenerator` whose backend has
+``race`` offers it too (one whose backend has none has no ``race`` either, so callers fall
+back to ``generate_steps``). A local backend that also has ``race_many`` (several races in one
+lock-step batch, each ended by its own first finish: ``HFGenerator.race_many``) gets the
+concurrent tasks' races coalesced into one call, in their own queue, counted in
+``Coalescer.calls["policy"]``; any other backend gets each race as it comes (a server batches
+them itself).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class _Pending:
 class _Queue:
     call: BackendCall
     serial: bool
+    counted: str  # the kind its calls count as in ``Coalescer.calls``
     waiting: list[_Pending] = field(default_factory=list)
     busy: bool = False
 
@@ -87,12 +90,14 @@ class Coalescer:
             if any(q.waiting for q in self._queues.values()):
                 self._schedule_check()
 
-    async def submit(self, kind: str, call: BackendCall, items: Sequence[Any], serial: bool = False) -> list[Any]:
-        """``call(items)``'s results, sent together with the other tasks' waiting calls of ``kind``."""
+    async def submit(self, kind: str, call: BackendCall, items: Sequence[Any], serial: bool = False,
+                     counted: str | None = None) -> list[Any]:
+        """``call(items)``'s results, sent together with the other tasks' waiting calls of ``kind``
+        (counted in :attr:`calls` as ``counted``, default ``kind``)."""
         future = asyncio.get_running_loop().create_future()
         queue = self._queues.get(kind)
         if queue is None:
-            queue = self._queues[kind] = _Queue(call, serial)
+            queue = self._queues[kind] = _Queue(call, serial, counted or kind)
         queue.waiting.append(_Pending(list(items), future))
         self.waiting += 1
         self._submissions += 1
@@ -140,7 +145,7 @@ class Coalescer:
         if not batch:
             return
         items = [item for p in batch for item in p.items]
-        self.calls[kind] = self.calls.get(kind, 0) + 1
+        self.calls[queue.counted] = self.calls.get(queue.counted, 0) + 1
         try:
             results = await queue.call(items)
             if len(results) != len(items):
@@ -173,17 +178,21 @@ class Coalescer:
 class Wrapper:
     """A backend wrapper: ``capabilities`` and ``clear_cache`` are those of ``inner``.
 
-    A wrapper that can pass races on defines ``_race`` and calls :meth:`_offer_race` once
-    ``inner`` is set: the wrapper then has ``race`` exactly when ``inner`` has it.
+    A wrapper that can pass races on defines ``_race`` (and ``_race_many``, for several races
+    in one call) and calls :meth:`_offer_race` once ``inner`` is set: the wrapper then has
+    ``race`` (``race_many``) exactly when ``inner`` has it.
     """
 
     inner: Any
 
     def _offer_race(self) -> None:
-        """Expose ``race`` (bound to ``_race``) only when ``inner`` races: an optional capability
-        is an instance attribute, so ``isinstance(wrapper, Racer)`` is never claimed falsely."""
+        """Expose ``race`` (bound to ``_race``) only when ``inner`` races, and ``race_many`` when
+        ``inner`` has it and this wrapper passes it on: an optional capability is an instance
+        attribute, so ``isinstance(wrapper, Racer)`` is never claimed falsely."""
         if hasattr(self.inner, "race"):
             self.race = self._race
+        if hasattr(self.inner, "race_many") and hasattr(self, "_race_many"):
+            self.race_many = self._race_many
 
     @property
     def capabilities(self) -> Capabilities:
@@ -213,8 +222,13 @@ class BatchedGenerator(Wrapper):
         return await self.coalescer.submit("policy", self.inner.generate_steps, requests, serial=True)
 
     async def _race(self, request):
-        if not _server_batching(self.inner):  # a call of the local model, counted as coalesced ones are
-            self.coalescer.calls["policy"] = self.coalescer.calls.get("policy", 0) + 1
+        if _server_batching(self.inner):
+            return await self.inner.race(request)
+        if hasattr(self.inner, "race_many"):  # the local model runs the waiting races in one batch
+            (outcome,) = await self.coalescer.submit("race", self.inner.race_many, [request], serial=True,
+                                                     counted="policy")
+            return outcome
+        self.coalescer.calls["policy"] = self.coalescer.calls.get("policy", 0) + 1  # a call of the local model
         return await self.inner.race(request)
 
 
