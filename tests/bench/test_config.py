@@ -105,3 +105,23 @@ def test_method_hash_tracks_what_results_depend_on():
     assert hotter.method_hash(hotter.methods[0], "fp") != h
     assert other_param.method_hash(other_param.methods[0], "fp") != h
     assert base.method_hash(base.methods[0], "other problems") != h
+
+
+def test_a_changed_default_is_keyed_by_its_value():
+    """mcts' ``widening`` default went from None (one expansion) to 0.5: a config that leaves it
+    unset now means 0.5 and shares the key of one that says 0.5; one that says None shares the
+    key of the records written before, when unset meant None (``_CHANGED_DEFAULTS``)."""
+    from itscale.bench.config import _hash
+
+    def key(params):
+        config = validate_config({"methods": [{"name": "mcts", "params": params}], "budgets": [4]})
+        return config.method_hash(config.methods[0], "fp")
+
+    unset, half, none = key({"aggregation": "min"}), key({"aggregation": "min", "widening": 0.5}), \
+        key({"aggregation": "min", "widening": None})
+    assert unset == half != none
+    config = validate_config({"methods": [{"name": "mcts", "params": {"aggregation": "min"}}], "budgets": [4]})
+    before = _hash({"method": "mcts", "params": {"aggregation": "min"}, "problems": "fp",
+                    **config.backend_fingerprint()})  # the key an unset widening had before the change
+    assert none == before != unset
+    assert key({"widening": 0.25}) != key({}) == key({"widening": 0.5})

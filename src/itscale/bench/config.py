@@ -356,10 +356,25 @@ _ADDED_LATER = {"dtype": "auto", "step_tag": None, "good_token": "+", "bad_token
 _NOT_AN_OPTION = ("compute_optimal",)
 
 
+#: Method defaults that changed after stores existed: ``(method, param): (old, new)``. A record
+#: written while the param was unset ran with the old default, so the key reads an unset param
+#: as the new default, and the old default as unset: a store's records stay valid, and none
+#: computed under the old default is taken for the new one. (mcts: progressive widening.)
+_CHANGED_DEFAULTS = {("mcts", "widening"): (None, 0.5)}
+
+
 def _params_key(m: MethodConfig) -> dict:
     """A method's params as its store key sees them: a policy file (compute_optimal's
-    ``allocation``) by its content, so that a new policy in the same file is new work."""
+    ``allocation``) by its content, so that a new policy in the same file is new work; a
+    changed default by its value (:data:`_CHANGED_DEFAULTS`)."""
     params = dict(m.params)
+    for (method, name), (old, new) in _CHANGED_DEFAULTS.items():
+        if m.name == method:
+            value = params.get(name, new)
+            if value == old:
+                params.pop(name, None)
+            else:
+                params[name] = value
     path = params.get("allocation")
     if m.name == "compute_optimal" and isinstance(path, str) and Path(path).expanduser().is_file():
         digest = hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
