@@ -319,10 +319,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                         "`ray.address`; needs pip install 'itscale[ray]')")
     p.set_defaults(func=_bench)
 
-    p = sub.add_parser("demo", help="the embedded demo: 7 methods x budgets 1-16 on 100 held-out problems",
-                       description="Greedy, majority vote, best-of-N, weighted best-of-N, beam search, DVTS and "
-                                   "particle filtering on held-out arithmetic problems with the embedded policy "
-                                   "and PRM; prints the table and writes plots and an HTML report.")
+    p = sub.add_parser("demo", help="the embedded demo: 11 methods x budgets 1-16 on 100 held-out problems",
+                       description="Greedy, majority vote, best-of-N, weighted best-of-N, beam search, DVTS, "
+                                   "particle filtering, entropic particle filtering, early rejection, A* and MCTS "
+                                   "on held-out arithmetic problems with the embedded policy and PRM; prints the "
+                                   "table and writes plots and an HTML report.")
     p.add_argument("--output", default="itscale-demo", help="output folder [itscale-demo]")
     p.add_argument("--problems", type=int, default=100, help="held-out problems [100]")
     p.add_argument("--policy", default="embedded",

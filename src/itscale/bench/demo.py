@@ -1,9 +1,12 @@
 """The embedded demo (``itscale demo``, ``make demo``): the standard comparison on a laptop.
 
 Greedy decoding, majority vote, best-of-N, weighted best-of-N, beam search, DVTS and
-particle filtering on held-out medium arithmetic problems at budgets 1-16, with the
-policy and PRM shipped in :mod:`itscale.zoo`. Beam search and DVTS need the budget to
-be a multiple of the beam width, so they use width 2 and start at budget 2.
+particle filtering, then the search methods of issue 18 that a PRM guides (entropic particle
+filtering, early rejection, A*-decoding, MCTS with progressive widening), on held-out medium
+arithmetic problems at budgets 1-16, with the policy and PRM shipped in :mod:`itscale.zoo`.
+Beam search and DVTS need the budget to be a multiple of the beam width, so they use width 2
+and start at budget 2. (First-finish search, RPC and the confidence methods are in the scaling
+study: on this policy they trail the vote, README "Scaling study".)
 
 Every PRM-guided method reads a solution's score as its lowest step score
 (``aggregation: min``): the embedded PRM catches a slipped line where it happens but its
@@ -39,6 +42,10 @@ def demo_config(output: str = "itscale-demo", problems: int = 100, policy: str =
             {"name": "beam_search", "params": {"beam_width": 2, **SCORE}, "budgets": [b for b in BUDGETS if b >= 2]},
             {"name": "dvts", "params": {"beam_width": 2, **SCORE}, "budgets": [b for b in BUDGETS if b >= 2]},
             {"name": "particle_filtering", "params": SCORE},
+            {"name": "entropic_particle_filtering", "params": SCORE},
+            {"name": "early_rejection", "params": SCORE},
+            {"name": "a_star", "params": SCORE},
+            {"name": "mcts", "params": SCORE},
         ],
         "budgets": BUDGETS,
         "seeds": [0],
