@@ -204,6 +204,7 @@ def run_on_ray(config, store, phases: Sequence[Phase], probes: Sequence[Problem]
     actor = ray.remote(BenchWorker).options(num_cpus=settings.num_cpus, num_gpus=settings.num_gpus,
                                             max_restarts=max(settings.retries, 1), max_task_retries=0)
     handles = [actor.remote(config, run_id, fingerprint) for _ in range(min(workers, len(units)))]
+    summary.workers = len(handles)  # (no more workers than units)
     try:
         _wait_ready(ray, handles, RayActorError)
         on_start(len(handles))
