@@ -14,12 +14,10 @@ torch = pytest.importorskip("torch")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("transformers")
 
-from itscale import zoo  # noqa: E402
 from itscale.lm import EndpointPool, HFGenerator, Lookahead, OpenAIGenerator  # noqa: E402
 from itscale.lm.completions import VLLM_EXTENSIONS, CompletionsClient, Sampling, cache_salt  # noqa: E402
 from itscale.lm.http import BackendError  # noqa: E402
 from itscale.lm.kv_cache import KVNode, KVStore  # noqa: E402
-from itscale.lm.loading import load_tokenizer  # noqa: E402
 from itscale.types import Problem, SamplingParams, Step, StepRequest  # noqa: E402
 
 P = Problem("p", "3+4*2=")
@@ -103,10 +101,6 @@ def test_hf_generator_reuses_states_only_within_a_namespace(char_tokenizer, tiny
 
 
 # -- HTTP: cache_salt -------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(zoo.policy_path())
 
 
 class Recorder:

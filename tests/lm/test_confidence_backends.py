@@ -26,7 +26,7 @@ pytest.importorskip("transformers")
 
 from itscale import zoo  # noqa: E402
 from itscale.lm import EndpointPool, HFGenerator, OpenAIGenerator  # noqa: E402
-from itscale.lm.loading import load_tokenizer  # noqa: E402
+from .conftest import sse  # noqa: E402
 from itscale.tasks import arithmetic  # noqa: E402
 
 NUMBERS = Problem("numbers", "1 2 3 4 5 6 7 8 9")  # off-task: the samples wander, their confidence differs
@@ -205,13 +205,6 @@ def test_hf_race_refuses_stop_below(hf):
 URL = "http://vllm:8000/v1"
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(zoo.policy_path())
-
-
-def sse(event: dict) -> bytes:
-    return f"data: {json.dumps(event)}\n\n".encode()
 
 
 def top_of(c: float) -> dict:

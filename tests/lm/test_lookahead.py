@@ -87,12 +87,6 @@ class FakeServer:
         return len(encode(self.tokenizer, prompt, add_special_tokens=False))
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from itscale.lm.loading import load_tokenizer
-
-    return load_tokenizer(zoo.policy_path())
-
 
 def generator(server, **kw) -> Lookahead:
     pool = EndpointPool(URL, transport=httpx.MockTransport(server), backoff_base=0.0)

@@ -16,17 +16,13 @@ pytest.importorskip("transformers")
 
 from itscale import zoo  # noqa: E402
 from itscale.lm import BackendError, EndpointPool, OpenAIGenerator  # noqa: E402
-from itscale.lm.loading import chat_prompt, load_tokenizer  # noqa: E402
+from itscale.lm.loading import chat_prompt  # noqa: E402
 from itscale.types import Problem, SamplingParams, Step, StepRequest  # noqa: E402
 
 P1, P2 = Problem("p1", "3+4*2="), Problem("p2", "bad 17-5*3=")
 URL, URL2 = "http://vllm-a:8000/v1", "http://vllm-b:8000/v1"
 MODEL = "policy"
 
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(zoo.policy_path())
 
 
 def request(problem=P1, steps=(), k=1, seed=7, stop=("\n",), max_tokens=16, temperature=0.7):

@@ -24,7 +24,7 @@ from itscale import zoo  # noqa: E402
 from itscale.lm import EndpointPool, HFGenerator, Lookahead, OpenAIGenerator  # noqa: E402
 from itscale.lm.completions import parse_reply, streamed_tokens  # noqa: E402
 from itscale.lm.http import Reply, merge_events  # noqa: E402
-from itscale.lm.loading import load_tokenizer  # noqa: E402
+from .conftest import sse  # noqa: E402
 from itscale.protocols import Racer  # noqa: E402
 from itscale.tasks import arithmetic  # noqa: E402
 from itscale.types import Problem, SamplingParams, Step, StepRequest  # noqa: E402
@@ -189,13 +189,6 @@ URL = "http://vllm-a:8000/v1"
 MODEL = "policy"
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(zoo.policy_path())
-
-
-def sse(event: dict) -> bytes:
-    return f"data: {json.dumps(event)}\n\n".encode()
 
 
 def token_event(token: str, finish: str | None = None, stop_reason=None) -> dict:
