@@ -67,12 +67,15 @@ def parse_address(address: str) -> tuple[str, int]:
 
 def connect(address: str | None):
     """Connect to the cluster (``None``: ``RAY_ADDRESS``, else start one on this machine) and
-    return the ``ray`` module. An address nothing answers at fails in seconds, before Ray's own
-    minute-long retries, with a :class:`RayClusterError`."""
+    return the ``ray`` module; already connected, the connection this process has. An address
+    nothing answers at fails in seconds, before Ray's own minute-long retries, with a
+    :class:`RayClusterError`."""
     try:
         import ray
     except ImportError:
         raise RayClusterError("ray: the Ray package is not installed: pip install 'itscale[ray]'") from None
+    if ray.is_initialized():  # (run_bench connects first, then run_on_ray asks again)
+        return ray
     target = address or os.environ.get("RAY_ADDRESS")
     if target and target not in ("auto", "local"):
         host, port = parse_address(target)
@@ -82,12 +85,11 @@ def connect(address: str | None):
             raise RayClusterError(f"ray.address: no Ray cluster answers at {target!r} ({err}); start one with "
                                   "`ray start --head` and give the address it prints, or omit the address to "
                                   "start a cluster on this machine") from None
-    if not ray.is_initialized():
-        try:
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
-        except (ConnectionError, RuntimeError) as err:
-            raise RayClusterError(f"ray.address: could not join the Ray cluster at {target or 'this machine'}: "
-                                  f"{err}") from None
+    try:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError) as err:
+        raise RayClusterError(f"ray.address: could not join the Ray cluster at {target or 'this machine'}: "
+                              f"{err}") from None
     return ray
 
 
