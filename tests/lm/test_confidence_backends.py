@@ -24,9 +24,8 @@ torch = pytest.importorskip("torch")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("transformers")
 
-from itscale import zoo  # noqa: E402
 from itscale.lm import EndpointPool, HFGenerator, OpenAIGenerator  # noqa: E402
-from .conftest import sse  # noqa: E402
+from .conftest import needs_zoo, sse  # noqa: E402
 from itscale.tasks import arithmetic  # noqa: E402
 
 NUMBERS = Problem("numbers", "1 2 3 4 5 6 7 8 9")  # off-task: the samples wander, their confidence differs
@@ -34,16 +33,6 @@ PROBLEM = arithmetic.eval_set("medium")[0]
 
 
 # -- HFGenerator -------------------------------------------------------------------------------
-needs_zoo = pytest.mark.skipif(not (zoo.policy_path() / "config.json").is_file(),
-                               reason="the embedded policy is not in the package")
-
-
-@pytest.fixture(scope="module")
-def hf():
-    torch.set_num_threads(1)
-    return HFGenerator.from_pretrained(zoo.policy_path(), run_in_thread=False)
-
-
 def generated_ids(g: HFGenerator, request: StepRequest, step: Step) -> tuple[list[int], int]:
     """Context ids + the step's ids (EOS appended for an ``eos`` step), and where the step starts
     (the embedded policy's tokenizer is character-level: re-encoding the text gives its ids)."""

@@ -20,11 +20,10 @@ torch = pytest.importorskip("torch")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("transformers")
 
-from itscale import zoo  # noqa: E402
 from itscale.lm import EndpointPool, HFGenerator, Lookahead, OpenAIGenerator  # noqa: E402
 from itscale.lm.completions import parse_reply, streamed_tokens  # noqa: E402
 from itscale.lm.http import Reply, merge_events  # noqa: E402
-from .conftest import sse  # noqa: E402
+from .conftest import needs_zoo, sse  # noqa: E402
 from itscale.protocols import Racer  # noqa: E402
 from itscale.tasks import arithmetic  # noqa: E402
 from itscale.types import Problem, SamplingParams, Step, StepRequest  # noqa: E402
@@ -45,16 +44,6 @@ def sample(step: Step) -> tuple:
 
 
 # -- HFGenerator ------------------------------------------------------------------------------
-needs_zoo = pytest.mark.skipif(not (zoo.policy_path() / "config.json").is_file(),
-                               reason="the embedded policy is not in the package")
-
-
-@pytest.fixture(scope="module")
-def hf():
-    torch.set_num_threads(1)
-    return HFGenerator.from_pretrained(zoo.policy_path(), run_in_thread=False)
-
-
 def chunked_cost(lengths: list[int], max_batch: int) -> int:
     """``spent_tokens`` as HFGenerator.race documents it: chunks of ``max_batch`` rows decoded one
     after another, each stopped at its own first finish or at the fewest tokens an earlier row
