@@ -78,7 +78,7 @@ def costs(folder: Path) -> dict[str, dict[int, tuple[float, float, float]]]:
     return out
 
 
-def part1(ns) -> tuple[dict, dict]:
+def part1(ns) -> dict:
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
@@ -115,7 +115,7 @@ def part1(ns) -> tuple[dict, dict]:
     two = rows[2][4]
     efficiency = (rows[1][2] / rows[2][2]) / 2
     return {"costs": costs(stores["Ray, 2 workers"]), "efficiency": efficiency,
-            "write_per_unit": two.driver / two.units, "chunk": ns.chunk}, stores
+            "write_per_unit": two.driver / two.units}
 
 
 def _cpus() -> int:
@@ -212,7 +212,7 @@ def main() -> None:
     g.add_argument("--study-chunk", type=int, default=16, help="problems per unit in the study")
     g.add_argument("--load-minutes", type=float, default=2.0, help="a worker loading a 7B model from local disk")
     ns = p.parse_args()
-    measured, _ = part1(ns)
+    measured = part1(ns)
     part2(measured, ns)
 
 
